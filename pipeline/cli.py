@@ -1,0 +1,184 @@
+"""The `medkd` command line: click parses and loads config, one library call does the work.
+
+Heavy imports (torch, timm, h5py) sit inside the command bodies so `medkd --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+from click.core import ParameterSource
+from rich.console import Console
+
+from medkd import __version__
+from medkd.config import INTERPOLATIONS, POOLS, STUDENT_NAMES, TEACHER_NAMES
+from medkd.errors import MedkdError
+
+# Progress and tables go to stderr; stdout carries machine-readable output (paths, CSV).
+console = Console(stderr=True)
+
+
+class MedkdGroup(click.Group):
+    """Turns a `MedkdError` into one line on stderr and exit code 1; `--debug` keeps the traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MedkdError as err:
+            if ctx.meta.get("medkd.debug"):
+                raise
+            raise click.ClickException(str(err)) from None
+
+
+@click.group(cls=MedkdGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="medkd")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Distil frozen vision foundation models into small CNNs for MedMNIST, via a teacher-logit cache."""
+    ctx.meta["medkd.debug"] = debug
+
+
+def given(ctx: click.Context) -> dict[str, Any]:
+    """The options the user typed (or set by env var): these override a --config file."""
+    sources = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return {k: v for k, v in ctx.params.items() if ctx.get_parameter_source(k) in sources and k != "config"}
+
+
+def build_config(ctx: click.Context, cls: type) -> Any:
+    """Defaults ← `--config FILE` (top level, then its table for this command) ← flags given."""
+    from medkd.config import make_config, read_toml, section_values
+
+    file_values = read_toml(ctx.params["config"]) if ctx.params.get("config") else {}
+    command = ctx.info_name.replace("-", "_")
+    return make_config(cls, section_values(file_values, command), given(ctx))
+
+
+def _milestones(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated epochs like 50,75, got '{value}'") from None
+
+
+config_option = click.option(
+    "--config", type=click.Path(dir_okay=False), help="TOML file of options (keys = option names)."
+)
+data_dir_option = click.option(
+    "--data-dir",
+    envvar="MEDKD_DATA",
+    help="Folder of MedMNIST .npz files [env: MEDKD_DATA; else medmnist's root].",
+)
+
+
+def training_options(f: Any) -> Any:
+    """Options shared by `cache-teacher` (head training) and `distill` (student training)."""
+    for option in reversed(
+        [
+            click.option("--epochs", type=int, default=100, show_default=True),
+            click.option("--batch-size", type=int, default=32, show_default=True),
+            click.option("--lr", type=float, default=1e-3, show_default=True),
+            click.option(
+                "--milestones",
+                callback=_milestones,
+                help="Epochs where lr drops ×0.1 [default: epochs/2, 3·epochs/4].",
+            ),
+            data_dir_option,
+            click.option(
+                "--download", is_flag=True, help="Fetch missing MedMNIST files with medmnist's downloader."
+            ),
+            click.option(
+                "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."
+            ),
+            click.option("--seed", type=int, default=0, show_default=True),
+            click.option("--force", is_flag=True, help="Overwrite an existing output."),
+            click.option("--quiet", is_flag=True, help="No progress bars."),
+            config_option,
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+@main.command()
+@data_dir_option
+@click.option("--verify", is_flag=True, help="Check the MD5 of each local file against medmnist.INFO.")
+def datasets(data_dir: str | None, verify: bool) -> None:
+    """List the 2D MedMNIST datasets: task, classes, split sizes, and which sizes are here."""
+    from rich.table import Table
+
+    from medkd.data import data_root, dataset_info, flags_2d, local_status
+
+    table = Table(title=f"MedMNIST v2 (2D) — local folder {data_root(data_dir)}")
+    for column in ("flag", "task", "classes", "train", "val", "test", "local sizes"):
+        table.add_column(column, justify="right" if column in ("classes", "train", "val", "test") else "left")
+    for flag in flags_2d():
+        info = dataset_info(flag)
+        status = local_status(flag, data_dir, verify=verify)
+        local = ", ".join(f"{size} ({s})" if verify else str(size) for size, s in status.items()) or "-"
+        n = info["n_samples"]
+        table.add_row(
+            flag, info["task"], str(len(info["label"])), str(n["train"]), str(n["val"]), str(n["test"]), local
+        )
+    Console().print(table)
+
+
+@main.command("cache-teacher")
+@click.option("--dataset", help="MedMNIST flag, e.g. breastmnist.")
+@click.option("--size", type=int, default=28, show_default=True, help="MedMNIST image size of the data file.")
+@click.option("--teacher", type=click.Choice(TEACHER_NAMES), default="dinov2_vitb14", show_default=True)
+@click.option("--weights", help="Backbone weights on disk (official dinov2_vit*14_pretrain.pth or timm).")
+@click.option("--teacher-size", type=int, default=224, show_default=True, help="Teacher input size (×14).")
+@click.option("--pool", type=click.Choice(POOLS), default="cls", show_default=True)
+@click.option("--feature-batch-size", type=int, default=64, show_default=True)
+@click.option("--no-features", "features", flag_value=False, default=True, help="Do not store features.")
+@click.option("--out", help="Cache path [default: cache/<flag>_<size>_<teacher>.h5].")
+@training_options
+@click.pass_context
+def cache_teacher_cmd(ctx: click.Context, **_: Any) -> None:
+    """Stage one: run the frozen teacher once, train its linear head, write the HDF5 logit cache."""
+    from medkd.cache_teacher import cache_teacher
+    from medkd.config import CacheTeacherConfig
+
+    path = cache_teacher(build_config(ctx, CacheTeacherConfig), console=console)
+    click.echo(str(path))
+
+
+@main.command("inspect")
+@click.argument("cache", type=click.Path(dir_okay=False))
+def inspect_cmd(cache: str) -> None:
+    """Show a cache: provenance, shapes, teacher AUC/ACC per split, and a head(features) = logits check."""
+    from medkd.cache_teacher import inspect_cache
+
+    inspect_cache(cache, console=Console())
+
+
+@main.command()
+@click.option("--cache", type=click.Path(dir_okay=False), help="Teacher cache from `medkd cache-teacher`.")
+@click.option("--dataset", help="MedMNIST flag, for the supervised baseline (--alpha 1) without a cache.")
+@click.option("--size", type=int, default=28, show_default=True, help="MedMNIST image size (with --dataset).")
+@click.option("--alpha", type=float, default=0.2, show_default=True, help="Weight of the hard-label loss.")
+@click.option("--temperature", type=float, default=2.0, show_default=True)
+@click.option("--student", type=click.Choice(STUDENT_NAMES), default="resnet50", show_default=True)
+@click.option("--student-size", type=int, help="Student input size [default: the data's size].")
+@click.option("--student-weights", help="Initial student weights (a state dict or a medkd best.pt).")
+@click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default="bicubic", show_default=True)
+@click.option("--patience", type=int, help="Stop after this many epochs without a better val AUC.")
+@click.option("--out", help="Run folder [default: runs/<dataset>_<student>_a<alpha>_t<T>_s<seed>].")
+@training_options
+@click.pass_context
+def distill(ctx: click.Context, **_: Any) -> None:
+    """Stage two: train a student from cached teacher logits (or alone with --alpha 1 --dataset FLAG)."""
+    from medkd.config import DistillConfig
+    from medkd.distill import distill as run_distill
+
+    result = run_distill(build_config(ctx, DistillConfig), console=console)
+    click.echo(result["run_dir"])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Frozen teacher backbones (timm DINOv2 ViTs, and a tiny random one for tests) and feature extraction.
+
+A teacher maps normalised images (B, 3, S, S) to features (B, D): the CLS token, or the CLS token
+concatenated with the mean patch token ("cls+mean", DINOv2's linear evaluation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from medkd.config import POOLS
+from medkd.data import DeviceSplit, View
+from medkd.errors import MedkdError
+
+PATCH_SIZE = 14
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """One teacher: its timm model id ("tiny": built here) and the official DINOv2 file it comes from."""
+
+    timm_id: str
+    official_file: str = ""  # the dinov2_vit*14_pretrain.pth name a user can download by hand
+
+
+TEACHERS: dict[str, TeacherSpec] = {
+    "dinov2_vits14": TeacherSpec("vit_small_patch14_dinov2.lvd142m", "dinov2_vits14_pretrain.pth"),
+    "dinov2_vitb14": TeacherSpec("vit_base_patch14_dinov2.lvd142m", "dinov2_vitb14_pretrain.pth"),
+    "dinov2_vitl14": TeacherSpec("vit_large_patch14_dinov2.lvd142m", "dinov2_vitl14_pretrain.pth"),
+    "dinov2_vitg14": TeacherSpec("vit_giant_patch14_dinov2.lvd142m", "dinov2_vitg14_pretrain.pth"),
+    "dinov2_vits14_reg": TeacherSpec("vit_small_patch14_reg4_dinov2.lvd142m", "dinov2_vits14_reg4_pretrain.pth"),
+    "dinov2_vitb14_reg": TeacherSpec("vit_base_patch14_reg4_dinov2.lvd142m", "dinov2_vitb14_reg4_pretrain.pth"),
+    "dinov2_vitl14_reg": TeacherSpec("vit_large_patch14_reg4_dinov2.lvd142m", "dinov2_vitl14_reg4_pretrain.pth"),
+    "dinov2_vitg14_reg": TeacherSpec("vit_giant_patch14_reg4_dinov2.lvd142m", "dinov2_vitg14_reg4_pretrain.pth"),
+    "tiny": TeacherSpec("tiny"),
+}
+
+# The tiny teacher: DINOv2's architecture (patch 14, LayerScale, no classifier) at toy width and depth.
+TINY_ARGS = dict(patch_size=PATCH_SIZE, embed_dim=48, depth=2, num_heads=3, mlp_ratio=4.0, num_classes=0)
+# DINOv2 *initialises* LayerScale at 1e-5, but trained DINOv2 gammas are far larger. A random teacher at
+# 1e-5 has a CLS token that differs between images by ~5e-6, below fp16 resolution: every cached feature
+# would be the same. Gamma 1 keeps the same modules and weight keys and lets the CLS token see the image.
+TINY_LAYER_SCALE = 1.0
+TINY_SEED = 0
+
+
+class FrozenTeacher(nn.Module):
+    """A frozen timm ViT backbone returning (B, D) features; always in eval mode, no gradients."""
+
+    def __init__(self, name: str, backbone: nn.Module, backbone_id: str, pool: str, img_size: int,
+                 mean: tuple[float, ...], std: tuple[float, ...], weights_sha256: str, is_random_init: bool):
+        super().__init__()
+        self.backbone = backbone
+        self.name = name
+        self.backbone_id = backbone_id
+        self.pool = pool
+        self.img_size = img_size
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.weights_sha256 = weights_sha256
+        self.is_random_init = is_random_init
+        self.feature_dim = backbone.num_features * (2 if pool == "cls+mean" else 1)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        return super().train(False)  # frozen: dropout and friends stay off whatever the caller asks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone.forward_features(x)  # (B, prefix + patches, D), final norm applied
+        cls = tokens[:, 0]  # (B, D)
+        if self.pool == "cls":
+            return cls
+        patches = tokens[:, self.backbone.num_prefix_tokens :]  # register tokens excluded
+        return torch.cat([cls, patches.mean(dim=1)], dim=1)  # (B, 2D)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_teacher(
+    name: str, weights: str | os.PathLike | None = None, img_size: int = 224, pool: str = "cls"
+) -> FrozenTeacher:
+    """The frozen teacher `name` at `img_size` px: hub weights, a weights file, or (tiny) a seeded random init."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    if name not in TEACHERS:
+        raise MedkdError(f"unknown teacher '{name}'; valid: {', '.join(TEACHERS)}")
+    if img_size <= 0 or img_size % PATCH_SIZE:
+        raise MedkdError(
+            f"teacher input size must be a multiple of the patch size {PATCH_SIZE} (e.g. 28, 56, 224), "
+            f"got {img_size}"
+        )
+    if pool not in POOLS:
+        raise MedkdError(f"unknown pool '{pool}'; valid: {', '.join(POOLS)}")
+    spec = TEACHERS[name]
+    sha = ""
+    if name == "tiny":
+        with torch.random.fork_rng(devices=[]):  # deterministic, and the caller's RNG is left alone
+            torch.manual_seed(TINY_SEED)
+            backbone = VisionTransformer(img_size=img_size, init_values=TINY_LAYER_SCALE, **TINY_ARGS)
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    elif weights is None:
+        backbone = _download(spec, img_size)
+        sha = _hub_file_sha256(spec.timm_id)
+    else:
+        backbone = timm.create_model(spec.timm_id, pretrained=False, img_size=img_size)
+    if name != "tiny":
+        mean, std = backbone.pretrained_cfg["mean"], backbone.pretrained_cfg["std"]
+    if weights is not None:
+        load_weights(backbone, Path(weights), f"{name} ({spec.timm_id}) at {img_size} px")
+        sha = file_sha256(weights)
+    return FrozenTeacher(name, backbone, spec.timm_id, pool, img_size, mean, std, sha,
+                         is_random_init=name == "tiny" and weights is None)
+
+
+def _download(spec: TeacherSpec, img_size: int) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(spec.timm_id, pretrained=True, img_size=img_size)
+    except Exception as err:  # hub errors come as OSError, HTTP and huggingface_hub types alike
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise MedkdError(
+            f"could not download {spec.timm_id} weights ({reason}); download {spec.official_file} "
+            f"elsewhere and pass --weights FILE"
+        ) from err
+
+
+def _hub_file_sha256(timm_id: str) -> str:
+    """sha256 of the hub file timm just loaded, if it sits in the huggingface cache ("" otherwise)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        path = try_to_load_from_cache(f"timm/{timm_id}", filename)
+        if isinstance(path, str) and Path(path).is_file():
+            return file_sha256(path)
+    return ""
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .pth/.pt/.bin (torch.load, weights only) or .safetensors file."""
+    if not path.is_file():
+        raise MedkdError(f"weights file {path} not found (pass an official dinov2_vit*14_pretrain.pth or a "
+                         f"timm state dict / .safetensors file)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MedkdError(f"cannot read weights file {path}: {first_line}") from err
+    for key in ("model", "state_dict"):  # checkpoints that wrap the state dict
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MedkdError(f"weights file {path} holds a {type(state).__name__}, not a state dict of tensors")
+    return state
+
+
+def load_weights(backbone: nn.Module, path: Path, what: str) -> None:
+    """Load an official DINOv2 or timm state dict into `backbone`, pos_embed resampled to its grid."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = read_state_dict(path)
+    try:
+        # Converts DINOv2 keys (mask_token, register_tokens, w12/w3) and resamples pos_embed.
+        state = checkpoint_filter_fn(state, backbone)
+        backbone.load_state_dict(state, strict=True)
+    except (RuntimeError, KeyError, ValueError) as err:
+        problem = " ".join(str(err).split())[:300]
+        raise MedkdError(f"weights file {path} does not fit {what}: {problem}") from err
+
+
+def extract_features(
+    teacher: FrozenTeacher,
+    split: DeviceSplit,
+    batch_size: int,
+    console: Console | None = None,
+    quiet: bool = False,
+) -> torch.Tensor:
+    """Features (N, D) float32 on the CPU of every image of `split`, once each, in order."""
+    device = split.device
+    on_cuda = device.type == "cuda"
+    teacher = teacher.to(device)
+    view = View(teacher.img_size, teacher.mean, teacher.std, channels_last=on_cuda)
+    if on_cuda:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    out = torch.empty(len(split), teacher.feature_dim, dtype=torch.float32)
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+        console=console or Console(stderr=True), disable=quiet, transient=False,
+    )
+    start = time.perf_counter()
+    with progress, torch.inference_mode():
+        task = progress.add_task(f"{teacher.name} features", total=len(split), rate="")
+        for batch in split.batches(batch_size, view):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+                feats = teacher(batch.images)  # (B, D)
+            out[batch.index.cpu()] = feats.float().cpu()
+            done = int(batch.index[-1]) + 1
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            progress.update(task, completed=done, rate=f"{rate:.0f} img/s")
+    return out
