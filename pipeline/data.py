@@ -121,10 +121,13 @@ def load_arrays(
             arrays = {k: npz[k] for k in npz.files}
     except Exception as err:
         raise MedkdError(f"{path} is not a readable .npz file ({err})") from err
-    return {split: _check_split(path, arrays, split, size) for split in SPLITS}
+    info = dataset_info(flag)
+    return {split: _check_split(path, arrays, split, size, info) for split in SPLITS}
 
 
-def _check_split(path: Path, arrays: dict, split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _check_split(
+    path: Path, arrays: dict, split: str, size: int, info: dict
+) -> tuple[np.ndarray, np.ndarray]:
     for key in (f"{split}_images", f"{split}_labels"):
         if key not in arrays:
             raise MedkdError(
@@ -132,17 +135,26 @@ def _check_split(path: Path, arrays: dict, split: str, size: int) -> tuple[np.nd
                 f"found {', '.join(sorted(arrays))})"
             )
     images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-    shape_ok = images.ndim in (3, 4) and images.shape[1:3] == (size, size)
-    if images.ndim == 4:
-        shape_ok = shape_ok and images.shape[3] == 3
-    if images.dtype != np.uint8 or not shape_ok:
+    expected = (size, size) if info["n_channels"] == 1 else (size, size, 3)
+    if images.dtype != np.uint8 or images.shape[1:] != expected:
         raise MedkdError(
-            f"{path}: {split}_images is {images.dtype} {tuple(images.shape)}; "
-            f"expected uint8 (N, {size}, {size}) or (N, {size}, {size}, 3)"
+            f"{path}: {split}_images is {images.dtype} {tuple(images.shape)}; expected uint8 (N, "
+            f"{', '.join(map(str, expected))}) for {info['n_channels']}-channel {path.stem.split('_')[0]}"
         )
-    if labels.ndim != 2 or len(labels) != len(images):
+    n_classes = len(info["label"])
+    columns, top = (n_classes, 1) if is_multilabel(info["task"]) else (1, n_classes - 1)
+    if labels.shape != (len(images), columns):
         raise MedkdError(
-            f"{path}: {split}_labels has shape {tuple(labels.shape)}; expected ({len(images)}, L)"
+            f"{path}: {split}_labels has shape {tuple(labels.shape)}; expected ({len(images)}, {columns})"
+        )
+    if (
+        not np.issubdtype(labels.dtype, np.integer)
+        or labels.min(initial=0) < 0
+        or labels.max(initial=0) > top
+    ):
+        raise MedkdError(
+            f"{path}: {split}_labels must be integers in [0, {top}]; found {labels.dtype} values "
+            f"in [{labels.min()}, {labels.max()}]"
         )
     return np.ascontiguousarray(images), labels.astype(np.int64)
 

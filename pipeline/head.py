@@ -82,8 +82,14 @@ def train_head(
     val = history[best_epoch - 1]
     test = _metrics(head, features["test"], labels["test"], task)
     info = {
-        "epochs": epochs, "best_epoch": best_epoch, "val_auc": val["val_auc"], "val_acc": val["val_acc"],
-        "test_auc": test["auc"], "test_acc": test["acc"], "lr": lr, "batch_size": batch_size,
+        "epochs": epochs,
+        "best_epoch": best_epoch,
+        "val_auc": val["val_auc"],
+        "val_acc": val["val_acc"],
+        "test_auc": test["auc"],
+        "test_acc": test["acc"],
+        "lr": lr,
+        "batch_size": batch_size,
         "history": history,
     }
     return head, info

@@ -15,8 +15,9 @@ def scores_from_logits(task: str, logits: torch.Tensor) -> torch.Tensor:
 
 
 def _mean_auc(columns: list[tuple[np.ndarray, np.ndarray]]) -> float:
-    # medmnist's getAUC raises when a label has one class only (small val splits); we average the
-    # defined ones instead, which equals getAUC whenever getAUC is defined.
+    # A label with one class only (small val splits) has no AUC: medmnist's getAUC then gives NaN or
+    # raises, depending on the scikit-learn version; we average the defined ones, which equals getAUC
+    # whenever getAUC is defined.
     aucs = [roc_auc_score(t, s) for t, s in columns if 0 < t.sum() < len(t)]
     return float(np.mean(aucs)) if aucs else float("nan")
 

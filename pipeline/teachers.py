@@ -32,7 +32,7 @@ class TeacherSpec:
     """One teacher: its timm model id ("tiny": built here) and the official DINOv2 file it comes from."""
 
     timm_id: str
-    official_file: str = ""  # the dinov2_vit*14_pretrain.pth name a user can download by hand
+    official_file: str = ""  # the dinov2_vit*14[_reg4]_pretrain.pth a user can download by hand
 
 
 TEACHERS: dict[str, TeacherSpec] = {
@@ -40,10 +40,18 @@ TEACHERS: dict[str, TeacherSpec] = {
     "dinov2_vitb14": TeacherSpec("vit_base_patch14_dinov2.lvd142m", "dinov2_vitb14_pretrain.pth"),
     "dinov2_vitl14": TeacherSpec("vit_large_patch14_dinov2.lvd142m", "dinov2_vitl14_pretrain.pth"),
     "dinov2_vitg14": TeacherSpec("vit_giant_patch14_dinov2.lvd142m", "dinov2_vitg14_pretrain.pth"),
-    "dinov2_vits14_reg": TeacherSpec("vit_small_patch14_reg4_dinov2.lvd142m", "dinov2_vits14_reg4_pretrain.pth"),
-    "dinov2_vitb14_reg": TeacherSpec("vit_base_patch14_reg4_dinov2.lvd142m", "dinov2_vitb14_reg4_pretrain.pth"),
-    "dinov2_vitl14_reg": TeacherSpec("vit_large_patch14_reg4_dinov2.lvd142m", "dinov2_vitl14_reg4_pretrain.pth"),
-    "dinov2_vitg14_reg": TeacherSpec("vit_giant_patch14_reg4_dinov2.lvd142m", "dinov2_vitg14_reg4_pretrain.pth"),
+    "dinov2_vits14_reg": TeacherSpec(
+        "vit_small_patch14_reg4_dinov2.lvd142m", "dinov2_vits14_reg4_pretrain.pth"
+    ),
+    "dinov2_vitb14_reg": TeacherSpec(
+        "vit_base_patch14_reg4_dinov2.lvd142m", "dinov2_vitb14_reg4_pretrain.pth"
+    ),
+    "dinov2_vitl14_reg": TeacherSpec(
+        "vit_large_patch14_reg4_dinov2.lvd142m", "dinov2_vitl14_reg4_pretrain.pth"
+    ),
+    "dinov2_vitg14_reg": TeacherSpec(
+        "vit_giant_patch14_reg4_dinov2.lvd142m", "dinov2_vitg14_reg4_pretrain.pth"
+    ),
     "tiny": TeacherSpec("tiny"),
 }
 
@@ -59,8 +67,18 @@ TINY_SEED = 0
 class FrozenTeacher(nn.Module):
     """A frozen timm ViT backbone returning (B, D) features; always in eval mode, no gradients."""
 
-    def __init__(self, name: str, backbone: nn.Module, backbone_id: str, pool: str, img_size: int,
-                 mean: tuple[float, ...], std: tuple[float, ...], weights_sha256: str, is_random_init: bool):
+    def __init__(
+        self,
+        name: str,
+        backbone: nn.Module,
+        backbone_id: str,
+        pool: str,
+        img_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        weights_sha256: str,
+        is_random_init: bool,
+    ):
         super().__init__()
         self.backbone = backbone
         self.name = name
@@ -99,7 +117,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 def build_teacher(
     name: str, weights: str | os.PathLike | None = None, img_size: int = 224, pool: str = "cls"
 ) -> FrozenTeacher:
-    """The frozen teacher `name` at `img_size` px: hub weights, a weights file, or (tiny) a seeded random init."""
+    """The frozen teacher `name` at `img_size` px: hub weights, a weights file, or (tiny) a seeded init."""
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
@@ -129,8 +147,17 @@ def build_teacher(
     if weights is not None:
         load_weights(backbone, Path(weights), f"{name} ({spec.timm_id}) at {img_size} px")
         sha = file_sha256(weights)
-    return FrozenTeacher(name, backbone, spec.timm_id, pool, img_size, mean, std, sha,
-                         is_random_init=name == "tiny" and weights is None)
+    return FrozenTeacher(
+        name,
+        backbone,
+        spec.timm_id,
+        pool,
+        img_size,
+        mean,
+        std,
+        sha,
+        is_random_init=name == "tiny" and weights is None,
+    )
 
 
 def _download(spec: TeacherSpec, img_size: int) -> nn.Module:
@@ -160,8 +187,10 @@ def _hub_file_sha256(timm_id: str) -> str:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a .pth/.pt/.bin (torch.load, weights only) or .safetensors file."""
     if not path.is_file():
-        raise MedkdError(f"weights file {path} not found (pass an official dinov2_vit*14_pretrain.pth or a "
-                         f"timm state dict / .safetensors file)")
+        raise MedkdError(
+            f"weights file {path} not found (pass an official dinov2_vit*14_pretrain.pth or a "
+            f"timm state dict / .safetensors file)"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -188,10 +217,35 @@ def load_weights(backbone: nn.Module, path: Path, what: str) -> None:
     try:
         # Converts DINOv2 keys (mask_token, register_tokens, w12/w3) and resamples pos_embed.
         state = checkpoint_filter_fn(state, backbone)
-        backbone.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError, ValueError) as err:
-        problem = " ".join(str(err).split())[:300]
-        raise MedkdError(f"weights file {path} does not fit {what}: {problem}") from err
+        raise MedkdError(
+            f"weights file {path} does not fit {what}: {' '.join(str(err).split())[:200]}"
+        ) from err
+    problem = _state_mismatch(backbone.state_dict(), state)
+    if problem:
+        raise MedkdError(f"weights file {path} does not fit {what}: {problem}")
+    backbone.load_state_dict(state, strict=True)
+
+
+def _state_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
+    """A one-line summary of missing, unexpected and wrongly shaped keys ("" if none)."""
+
+    def first(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (", …" if len(keys) > 3 else "")
+
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [
+        f"{k} {tuple(given[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in given and given[k].shape != v.shape
+    ]
+    parts = [
+        f"{len(missing)} missing keys ({first(missing)})" if missing else "",
+        f"{len(unexpected)} unexpected keys ({first(unexpected)})" if unexpected else "",
+        f"{len(shapes)} shape mismatches (file vs model: {first(shapes)})" if shapes else "",
+    ]
+    return "; ".join(p for p in parts if p)
 
 
 def extract_features(
@@ -210,9 +264,14 @@ def extract_features(
         teacher = teacher.to(memory_format=torch.channels_last)
     out = torch.empty(len(split), teacher.feature_dim, dtype=torch.float32)
     progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-        console=console or Console(stderr=True), disable=quiet, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=console or Console(stderr=True),
+        disable=quiet,
+        transient=False,
     )
     start = time.perf_counter()
     with progress, torch.inference_mode():

@@ -1,4 +1,4 @@
-"""The data layer: official-file loading and its errors, DeviceSplit batches, prepare_images, synthetic data."""
+"""The data layer: loading official files and its errors, DeviceSplit, prepare_images, synthetic data."""
 
 from __future__ import annotations
 
@@ -206,6 +206,10 @@ def test_missing_key(tmp_path: Path) -> None:
         ("test_images", np.zeros((4, 28 * 28), np.uint8), "(4, 784)"),
         ("test_labels", np.zeros((4,), np.uint8), "test_labels has shape (4,)"),
         ("val_labels", np.zeros((5, 1), np.uint8), "val_labels has shape (5, 1)"),
+        ("train_labels", np.full((4, 1), 2, np.uint8), "integers in [0, 1]"),
+        ("train_labels", np.full((4, 1), 0.5, np.float32), "integers in [0, 1]"),
+        ("test_labels", np.zeros((4, 2), np.uint8), "expected (4, 1)"),
+        ("train_images", np.zeros((4, 28, 28, 3), np.uint8), "1-channel breastmnist"),
     ],
 )
 def test_wrong_shape_or_dtype(tmp_path: Path, key: str, bad: np.ndarray, needle: str) -> None:
@@ -251,7 +255,9 @@ def test_download_offline_fails_cleanly(tmp_path: Path, monkeypatch: pytest.Monk
     assert calls[0]["url"] == info("breastmnist")["url_64"]
 
 
-def test_download_success_and_no_download_when_present(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_download_success_and_no_download_when_present(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torchvision.datasets.utils
 
     def fake_download(url, root, filename, md5):
@@ -527,6 +533,16 @@ class TinyCNN(torch.nn.Module):
 
 def train_tiny_cnn(task: str, arrays: dict, train_labels: np.ndarray) -> dict[str, float]:
     """3 epochs of Adam on the train split (with `train_labels`), then val AUC/ACC."""
+    threads = torch.get_num_threads()
+    # Ops this small gain nothing from a second thread, and its sync cost explodes on a busy machine.
+    torch.set_num_threads(1)
+    try:
+        return _train_tiny_cnn(task, arrays, train_labels)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_tiny_cnn(task: str, arrays: dict, train_labels: np.ndarray) -> dict[str, float]:
     torch.manual_seed(0)
     n_labels = len(info(TASK_FLAGS[task])["label"])
     train = DeviceSplit(arrays["train"][0], train_labels, task=task, device="cpu")
@@ -593,3 +609,13 @@ def test_local_status_detects_a_wrong_file(tmp_path: Path) -> None:
     make_synthetic_like(tmp_path, "breastmnist", size=64, n_train=4, n_val=2, n_test=2)
     assert local_status("breastmnist", tmp_path) == {28: "present", 64: "present"}
     assert local_status("breastmnist", tmp_path, verify=True) == {28: "MD5 MISMATCH", 64: "MD5 MISMATCH"}
+
+
+def test_label_columns_and_channels_follow_medmnist_info(tmp_path: Path) -> None:
+    arrays = {k: v for k, v in valid_arrays().items()}
+    write_npz(tmp_path / "chestmnist.npz", **arrays)  # chestmnist has 14 labels per image
+    with pytest.raises(MedkdError, match=r"expected \(4, 14\)"):
+        load_arrays("chestmnist", root=tmp_path)
+    write_npz(tmp_path / "pathmnist.npz", **arrays)  # pathmnist is RGB
+    with pytest.raises(MedkdError, match=r"expected uint8 \(N, 28, 28, 3\)"):
+        load_arrays("pathmnist", root=tmp_path)

@@ -1,0 +1,231 @@
+"""The HDF5 teacher cache, format version 1 (the full layout is documented in cache/README.md).
+
+`write_cache` writes a temporary file beside the target and renames it only when complete, so a
+killed run never leaves a half cache under the final name. `TeacherCache` opens the file read-only
+with HDF5 file locking off, checks it, loads logits, labels and the head into memory and closes it;
+`features(split)` reopens it for the (larger, optional) features of one split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from medkd.data import SPLITS, data_sha256
+from medkd.errors import MedkdError
+from medkd.metrics import evaluate, scores_from_logits
+
+FORMAT_VERSION = 1
+ROOT_ATTRS = (
+    "medkd_format",
+    "medkd_version",
+    "created_utc",
+    "dataset",
+    "image_size",
+    "task",
+    "n_classes",
+    "label_names",
+    "teacher",
+    "backbone",
+    "weights_sha256",
+    "teacher_input_size",
+    "resize",
+    "mean",
+    "std",
+    "torch_version",
+)
+HEAD_ATTRS = ("epochs", "best_epoch", "val_auc", "val_acc", "test_auc", "test_acc", "lr", "batch_size")
+DTYPES = {"logits": np.float32, "labels": np.int64, "features": np.float16}
+REBUILD = "medkd cache-teacher ... --force"
+MAKE_ONE = "make one with `medkd cache-teacher --dataset FLAG --teacher NAME`"
+
+
+def _to_attr(key: str, value: Any) -> Any:
+    if value is None:
+        raise ValueError(f"cache attr '{key}' is None; HDF5 attrs cannot hold None")
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, str):
+        return str(value)  # plain str: h5py refuses numpy's str_ and torch's TorchVersion
+    if isinstance(value, (list, tuple)):
+        return np.asarray(value)
+    return value
+
+
+def _from_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and value.startswith("{"):
+        try:
+            return json.loads(value)  # dict-valued attrs (label_names, config) are stored as JSON
+        except json.JSONDecodeError:
+            return value
+    if isinstance(value, np.ndarray):
+        return tuple(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _write_attrs(obj: h5py.HLObject, attrs: dict[str, Any]) -> None:
+    for key, value in attrs.items():
+        obj.attrs[key] = _to_attr(key, value)
+
+
+def _write_split(group: h5py.Group, arrays: dict[str, np.ndarray]) -> None:
+    for name, array in arrays.items():
+        if name not in DTYPES:
+            raise ValueError(f"unknown split dataset '{name}'; valid: {', '.join(DTYPES)}")
+        group.create_dataset(name, data=np.asarray(array, dtype=DTYPES[name]))
+
+
+def write_cache(
+    path: str | os.PathLike,
+    *,
+    attrs: dict[str, Any],
+    splits: dict[str, dict[str, np.ndarray]],
+    split_attrs: dict[str, dict[str, Any]],
+    head: dict[str, Any] | None,
+) -> Path:
+    """Write a format-1 cache to `path` through a temporary file in the same folder, renamed at the end.
+
+    `splits[split]` holds logits (N, C), labels (N, L) and optionally features (N, D); `split_attrs[split]`
+    its n and data_sha256; `head` the weight (C, D), bias (C,) and the HEAD_ATTRS scalars.
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        with h5py.File(tmp, "w") as f:
+            _write_attrs(f, {"medkd_format": FORMAT_VERSION, **attrs})
+            for split, arrays in splits.items():
+                group = f.create_group(split)
+                _write_split(group, arrays)
+                _write_attrs(group, split_attrs[split])
+            if head is not None:
+                group = f.create_group("head")
+                group.create_dataset("weight", data=np.asarray(head["weight"], dtype=np.float32))
+                group.create_dataset("bias", data=np.asarray(head["bias"], dtype=np.float32))
+                _write_attrs(group, {k: v for k, v in head.items() if k not in ("weight", "bias")})
+        os.replace(tmp, path)  # atomic on one filesystem: readers see the old file or the whole new one
+    except BaseException:  # KeyboardInterrupt too: never leave a temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+class TeacherCache:
+    """A teacher cache read into memory: attrs, per-split logits (float32 tensors) and labels, the head."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise MedkdError(f"teacher cache {self.path} not found; {MAKE_ONE}")
+        try:
+            with h5py.File(self.path, "r", locking=False) as f:
+                self._read(f)
+        except OSError as err:
+            reason = " ".join(str(err).split())
+            raise MedkdError(
+                f"{self.path} is not a readable HDF5 file ({reason}); it may be truncated or not a cache: "
+                f"{MAKE_ONE}"
+            ) from err
+
+    def _fail(self, problem: str) -> MedkdError:
+        return MedkdError(f"teacher cache {self.path} {problem}; rebuild it with `{REBUILD}`")
+
+    def _read(self, f: h5py.File) -> None:
+        self.attrs = {k: _from_attr(v) for k, v in f.attrs.items()}
+        version = self.attrs.get("medkd_format")
+        if version != FORMAT_VERSION:
+            raise MedkdError(
+                f"{self.path} has cache format {version}; this medkd reads format {FORMAT_VERSION}: "
+                f"rebuild it with `{REBUILD}`"
+            )
+        missing = [k for k in ROOT_ATTRS if k not in self.attrs]
+        if missing:
+            raise self._fail(f"lacks the attrs {', '.join(missing)}")
+        self.split_attrs: dict[str, dict[str, Any]] = {}
+        self.logits: dict[str, torch.Tensor] = {}
+        self.labels: dict[str, np.ndarray] = {}
+        self.has_features = True
+        for split in SPLITS:
+            if split not in f or not {"logits", "labels"} <= set(f[split]):
+                raise self._fail(f"has no /{split}/logits or /{split}/labels")
+            group = f[split]
+            self.split_attrs[split] = {
+                k: _from_attr(group.attrs[k]) for k in ("n", "data_sha256") if k in group.attrs
+            }
+            if len(self.split_attrs[split]) < 2:
+                raise self._fail(f"lacks the attrs n and data_sha256 of /{split}")
+            logits, labels = group["logits"][()], group["labels"][()]
+            n, c = self.split_attrs[split]["n"], self.attrs["n_classes"]
+            if logits.shape != (n, c) or labels.ndim != 2 or len(labels) != n:
+                raise self._fail(
+                    f"has /{split} logits {logits.shape} and labels {labels.shape}; expected "
+                    f"({n}, {c}) and ({n}, L)"
+                )
+            if not np.isfinite(logits).all():
+                raise self._fail(f"has NaN or inf in /{split}/logits")
+            self.logits[split] = torch.from_numpy(logits.astype(np.float32))
+            self.labels[split] = labels.astype(np.int64)
+            self.has_features &= "features" in group
+        self.head_attrs = {k: _from_attr(v) for k, v in f["head"].attrs.items()} if "head" in f else None
+        self.head_weight = torch.from_numpy(f["head/weight"][()]) if "head/weight" in f else None
+        self.head_bias = torch.from_numpy(f["head/bias"][()]) if "head/bias" in f else None
+
+    @property
+    def task(self) -> str:
+        return self.attrs["task"]
+
+    def features(self, split: str) -> np.ndarray:
+        """The stored float16 features (N, D) of one split, read from disk now."""
+        if split not in SPLITS:
+            raise MedkdError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
+        with h5py.File(self.path, "r", locking=False) as f:
+            if "features" not in f[split]:
+                raise MedkdError(f"teacher cache {self.path} stores no features (made with --no-features)")
+            return f[split]["features"][()]
+
+    def head(self) -> torch.nn.Linear | None:
+        """The stored linear head as a module, or None if the cache has none."""
+        if self.head_weight is None or self.head_bias is None:
+            return None
+        head = torch.nn.Linear(self.head_weight.shape[1], self.head_weight.shape[0])
+        with torch.no_grad():
+            head.weight.copy_(self.head_weight)
+            head.bias.copy_(self.head_bias)
+        return head.eval().requires_grad_(False)
+
+    def teacher_metrics(self, split: str) -> dict[str, float]:
+        """`{"auc", "acc"}` of the stored logits against the stored labels."""
+        scores = scores_from_logits(self.task, self.logits[split]).numpy()
+        return evaluate(self.task, self.labels[split], scores)
+
+    def check_data(self, flag: str, size: int, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Refuse data other than the cache was built from: flag, size, each split's n and data_sha256."""
+        built = f"{self.attrs['dataset']} ({self.attrs['image_size']} px)"
+        rebuild = (
+            f"rebuild it with `medkd cache-teacher --dataset {flag} --size {size} "
+            f"--teacher {self.attrs['teacher']} --force`"
+        )
+        if self.attrs["dataset"] != flag or int(self.attrs["image_size"]) != int(size):
+            raise MedkdError(
+                f"cache {self.path} was built from {built}; the data given is {flag} ({size} px): "
+                f"{rebuild}, or pass the matching --dataset/--size"
+            )
+        for split in SPLITS:
+            images, labels = arrays[split]
+            stored = self.split_attrs[split]
+            sha = data_sha256(images, labels)
+            if stored["n"] != len(images) or stored["data_sha256"] != sha:
+                raise MedkdError(
+                    f"cache {self.path} was built from {built} {split} n={stored['n']} sha256 "
+                    f"{stored['data_sha256'][:12]}…; the data given has n={len(images)} sha256 {sha[:12]}…: "
+                    f"{rebuild}"
+                )

@@ -1,0 +1,246 @@
+"""Stage one, `medkd cache-teacher`: one frozen-backbone pass per image, a linear head, an HDF5 cache.
+
+Also `inspect_cache` (`medkd inspect`): what a cache holds and whether its head reproduces its logits.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from medkd import __version__
+from medkd.cache import TeacherCache, write_cache
+from medkd.config import CacheTeacherConfig, to_dict
+from medkd.data import SPLITS, DeviceSplit, data_sha256, dataset_info, load_arrays, num_outputs
+from medkd.errors import MedkdError
+from medkd.head import train_head
+from medkd.teachers import build_teacher, extract_features
+
+PROVENANCE = (
+    "dataset",
+    "image_size",
+    "task",
+    "n_classes",
+    "teacher",
+    "backbone",
+    "pool",
+    "random_init",
+    "weights_sha256",
+    "teacher_input_size",
+    "resize",
+    "mean",
+    "std",
+    "medkd_version",
+    "torch_version",
+    "created_utc",
+    "images_per_second",
+    "feature_seconds",
+    "head_seconds",
+)
+
+
+def resolve_device(device: str) -> torch.device:
+    """ "auto" → cuda if available, else cpu; anything else as given (checked by the config)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _check_output(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise MedkdError(f"{path} already exists; pass --force to overwrite it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MedkdError(f"cannot create the output folder {path.parent} ({err.strerror})") from err
+    if not os.access(path.parent, os.W_OK):
+        raise MedkdError(f"output folder {path.parent} is not writable; pass --out PATH elsewhere")
+
+
+def cache_teacher(cfg: CacheTeacherConfig, console: Console | None = None) -> Path:
+    """Run the frozen teacher once over the dataset, train its head on the features, write the cache."""
+    console = console or Console(stderr=True)
+    out = cfg.out_path()
+    _check_output(out, cfg.force)  # before any data or model is loaded
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    info = dataset_info(cfg.dataset)
+    task, label_names = info["task"], info["label"]
+    arrays = load_arrays(cfg.dataset, cfg.size, cfg.data_dir, cfg.download)
+    teacher = build_teacher(cfg.teacher, cfg.weights, cfg.teacher_size, cfg.pool)
+
+    features, targets, labels = {}, {}, {}
+    start = time.perf_counter()
+    for split in SPLITS:
+        images, split_labels = arrays[split]
+        data = DeviceSplit(images, split_labels, task, device)
+        # (N, D) float32 on the CPU
+        features[split] = extract_features(teacher, data, cfg.feature_batch_size, console, cfg.quiet)
+        targets[split], labels[split] = data.targets.cpu(), split_labels
+        del data  # free the device copy of the images before the next split
+    feature_seconds = time.perf_counter() - start
+    n_images = sum(len(f) for f in features.values())
+
+    start = time.perf_counter()
+    head, head_info = train_head(
+        features,
+        targets,
+        labels,
+        task,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        milestones=cfg.milestones,
+        seed=cfg.seed,
+        n_labels=len(label_names),
+    )
+    head_seconds = time.perf_counter() - start
+    with torch.no_grad():
+        logits = {split: head(features[split]).float().numpy() for split in SPLITS}  # (N, C) float32
+
+    attrs = {
+        "medkd_version": __version__,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dataset": cfg.dataset,
+        "image_size": cfg.size,
+        "task": task,
+        "n_classes": num_outputs(task, len(label_names)),
+        "label_names": label_names,
+        "teacher": cfg.teacher,
+        "backbone": teacher.backbone_id,
+        "weights_sha256": teacher.weights_sha256,
+        "teacher_input_size": teacher.img_size,
+        "resize": "bicubic",
+        "mean": list(teacher.mean),
+        "std": list(teacher.std),
+        "torch_version": torch.__version__,
+        "pool": teacher.pool,
+        "random_init": teacher.is_random_init,
+        "feature_seconds": feature_seconds,
+        "head_seconds": head_seconds,
+        "images_per_second": n_images / max(feature_seconds, 1e-9),
+        "config": to_dict(cfg),
+    }
+    splits = {split: {"logits": logits[split], "labels": labels[split]} for split in SPLITS}
+    if cfg.features:
+        for split in SPLITS:
+            splits[split]["features"] = features[split].numpy()
+    split_attrs = {
+        split: {"n": len(arrays[split][0]), "data_sha256": data_sha256(*arrays[split])} for split in SPLITS
+    }
+    head_record = {
+        "weight": head.weight.detach().cpu().numpy(),
+        "bias": head.bias.detach().cpu().numpy(),
+        **{
+            k: head_info[k]
+            for k in (
+                "epochs",
+                "best_epoch",
+                "val_auc",
+                "val_acc",
+                "test_auc",
+                "test_acc",
+                "lr",
+                "batch_size",
+            )
+        },
+    }
+    write_cache(out, attrs=attrs, splits=splits, split_attrs=split_attrs, head=head_record)
+
+    note = " [yellow](random-init teacher: a test, not a real teacher)[/]" if teacher.is_random_init else ""
+    console.print(
+        f"[bold]{cfg.teacher}[/] on {cfg.dataset} ({cfg.size} px → {teacher.img_size} px){note}: "
+        f"val AUC {head_info['val_auc']:.3f} ACC {head_info['val_acc']:.3f}, "
+        f"test AUC {head_info['test_auc']:.3f} ACC {head_info['test_acc']:.3f} "
+        f"(best epoch {head_info['best_epoch']}/{cfg.epochs}); features {feature_seconds:.1f} s "
+        f"({attrs['images_per_second']:.0f} img/s), head {head_seconds:.1f} s → {out}"
+    )
+    return out
+
+
+def _head_check(cache: TeacherCache) -> dict[str, Any]:
+    """Does the stored head applied to the stored (fp16) features give the stored logits?"""
+    head = cache.head()
+    if head is None:
+        return {"status": "no head", "max_abs_diff": None, "tolerance": None}
+    if not cache.has_features:
+        return {"status": "no features", "max_abs_diff": None, "tolerance": None}
+    diff, scale = 0.0, 0.0
+    weight = cache.head_weight.abs().float()  # (C, D)
+    for split in SPLITS:
+        feats = torch.from_numpy(cache.features(split)).float()  # (N, D)
+        with torch.no_grad():
+            diff = max(diff, (head(feats) - cache.logits[split]).abs().max().item())
+        scale = max(scale, (feats.abs() @ weight.T).max().item())  # bound on |logit| terms
+    # fp16 keeps 11 significant bits (relative error ≤ 2^-11 ≈ 5e-4 per feature); 1e-2·scale is generous.
+    tolerance = 1e-2 * scale + 1e-5
+    return {"status": "ok" if diff <= tolerance else "MISMATCH", "max_abs_diff": diff, "tolerance": tolerance}
+
+
+def inspect_cache(path: str | os.PathLike, console: Console | None = None) -> dict[str, Any]:
+    """Print a cache's provenance, shapes, teacher AUC/ACC per split and the head check; return them."""
+    console = console or Console()
+    cache = TeacherCache(path)
+    feature_shapes = {}
+    if cache.has_features:
+        import h5py
+
+        with h5py.File(cache.path, "r", locking=False) as f:
+            feature_shapes = {split: tuple(f[split]["features"].shape) for split in SPLITS}
+    splits = {
+        split: {
+            "n": cache.split_attrs[split]["n"],
+            "logits_shape": tuple(cache.logits[split].shape),
+            "features_shape": feature_shapes.get(split),
+            **cache.teacher_metrics(split),
+        }
+        for split in SPLITS
+    }
+    head_check = _head_check(cache)
+
+    provenance = Table(title=f"teacher cache {cache.path}", show_header=False)
+    for key in ("medkd_format", *PROVENANCE):
+        if key in cache.attrs:
+            value = cache.attrs[key]
+            provenance.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    if cache.head_attrs:
+        items = cache.head_attrs.items()
+        provenance.add_row(
+            "head", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in items)
+        )
+    console.print(provenance)
+    table = Table(title="splits")
+    for column in ("split", "n", "logits", "features", "teacher AUC", "teacher ACC"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for split, s in splits.items():
+        table.add_row(
+            split,
+            str(s["n"]),
+            str(s["logits_shape"]),
+            str(s["features_shape"] or "-"),
+            f"{s['auc']:.4f}",
+            f"{s['acc']:.4f}",
+        )
+    console.print(table)
+    if head_check["max_abs_diff"] is None:
+        console.print(f"head(features) = logits: {head_check['status']}")
+    else:
+        colour = "green" if head_check["status"] == "ok" else "red"
+        console.print(
+            f"head(features) = logits: [{colour}]{head_check['status']}[/] (max abs diff "
+            f"{head_check['max_abs_diff']:.2e}, tolerance {head_check['tolerance']:.2e})"
+        )
+    return {
+        "path": str(cache.path),
+        "attrs": cache.attrs,
+        "head": cache.head_attrs,
+        "splits": splits,
+        "head_check": head_check,
+    }

@@ -1,0 +1,194 @@
+"""Teachers: the registry, the frozen tiny ViT, pooling, weights files in DINOv2 and timm layouts."""
+
+import huggingface_hub.constants
+import pytest
+import torch
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
+
+from medkd.config import TEACHER_NAMES
+from medkd.data import DeviceSplit, View, prepare_images
+from medkd.errors import MedkdError
+from medkd.teachers import (
+    IMAGENET_MEAN,
+    TEACHERS,
+    FrozenTeacher,
+    build_teacher,
+    extract_features,
+    load_weights,
+)
+
+
+def to_dinov2_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of timm's `_convert_dinov2`: a timm DINOv2 state dict in the official pretrain.pth layout."""
+    out = {k: v.clone() for k, v in state.items() if k not in ("reg_token", "cls_token", "pos_embed")}
+    dim = state["cls_token"].shape[-1]
+    if "reg_token" in state:
+        # timm folded DINOv2's CLS position into cls_token; with a zero CLS position the inverse is exact.
+        out["register_tokens"] = state["reg_token"].clone()
+        out["pos_embed"] = torch.cat([torch.zeros(1, 1, dim), state["pos_embed"]], dim=1)
+    else:
+        out["pos_embed"] = state["pos_embed"].clone()
+    out["cls_token"] = state["cls_token"].clone()
+    out["mask_token"] = torch.zeros(1, dim)  # DINOv2's iBOT mask token, unused at inference
+    return out  # ViT-S/B/L keep fc1/fc2; only ViT-g's SwiGLU would need fc1→w12, fc2→w3
+
+
+def test_registry_keys_are_the_cli_choices():
+    assert tuple(TEACHERS) == TEACHER_NAMES
+    assert TEACHERS["dinov2_vitb14"].timm_id == "vit_base_patch14_dinov2.lvd142m"
+    assert TEACHERS["dinov2_vitg14_reg"].timm_id == "vit_giant_patch14_reg4_dinov2.lvd142m"
+    assert TEACHERS["dinov2_vitl14_reg"].official_file == "dinov2_vitl14_reg4_pretrain.pth"
+
+
+@pytest.mark.parametrize("size", [0, 27, 32, 224 + 7])
+def test_size_must_be_a_multiple_of_14(size):
+    with pytest.raises(MedkdError, match="multiple of the patch size 14"):
+        build_teacher("tiny", img_size=size)
+
+
+def test_unknown_name_and_pool():
+    with pytest.raises(MedkdError, match="valid: dinov2_vits14"):
+        build_teacher("resnet50")
+    with pytest.raises(MedkdError, match="unknown pool"):
+        build_teacher("tiny", img_size=28, pool="max")
+
+
+def test_tiny_is_frozen_deterministic_and_sees_the_image():
+    state = torch.get_rng_state()
+    a, b = build_teacher("tiny", img_size=28), build_teacher("tiny", img_size=28)
+    assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is untouched
+    assert not a.training and not any(p.requires_grad for p in a.parameters())
+    a.train()
+    assert not a.training and not a.backbone.training
+    assert a.is_random_init and a.backbone_id == "tiny" and a.weights_sha256 == ""
+    assert a.mean == IMAGENET_MEAN and a.feature_dim == 48 and a.img_size == 28 and a.pool == "cls"
+    x = torch.randn(8, 3, 28, 28)
+    fa, fb = a(x), b(x)
+    assert fa.shape == (8, 48) and torch.equal(fa, fb)
+    # The CLS token differs between images by more than fp16 resolution (the cache stores fp16).
+    assert fa.half().float().std(dim=0).mean() > 1e-2
+
+
+def test_cls_plus_mean_excludes_register_tokens():
+    torch.manual_seed(0)
+    backbone = VisionTransformer(
+        img_size=28,
+        patch_size=14,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        init_values=1.0,
+        num_classes=0,
+        reg_tokens=4,
+        no_embed_class=True,
+    )
+    teacher = FrozenTeacher("reg", backbone, "reg", "cls+mean", 28, IMAGENET_MEAN, IMAGENET_MEAN, "", True)
+    x = torch.randn(3, 3, 28, 28)
+    tokens = backbone.forward_features(x)  # (3, 1 + 4 + 4, 32)
+    assert backbone.num_prefix_tokens == 5 and tokens.shape[1] == 9
+    expected = torch.cat([tokens[:, 0], tokens[:, 5:].mean(dim=1)], dim=1)
+    assert teacher.feature_dim == 64
+    torch.testing.assert_close(teacher(x), expected)
+
+
+def test_official_dinov2_file_round_trip(tmp_path):
+    tiny = build_teacher("tiny", img_size=28)
+    path = tmp_path / "dinov2_tiny_pretrain.pth"
+    torch.save(to_dinov2_layout(tiny.backbone.state_dict()), path)
+    loaded = build_teacher("tiny", weights=path, img_size=28)
+    x = torch.randn(5, 3, 28, 28)
+    torch.testing.assert_close(loaded(x), tiny(x), rtol=0, atol=0)
+    assert len(loaded.weights_sha256) == 64 and not loaded.is_random_init
+    # At another size timm resamples pos_embed from the 2x2 grid to 4x4.
+    bigger = build_teacher("tiny", weights=path, img_size=56)
+    assert bigger.backbone.pos_embed.shape == (1, 1 + 16, 48)
+    out = bigger(torch.randn(2, 3, 56, 56))
+    assert out.shape == (2, 48) and torch.isfinite(out).all()
+
+
+def test_registers_file_round_trip(tmp_path):
+    torch.manual_seed(1)
+    args = dict(
+        img_size=28,
+        patch_size=14,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        init_values=1.0,
+        num_classes=0,
+        reg_tokens=4,
+        no_embed_class=True,
+    )
+    source, target = VisionTransformer(**args).eval(), VisionTransformer(**args).eval()
+    path = tmp_path / "reg.pth"
+    torch.save(to_dinov2_layout(source.state_dict()), path)
+    load_weights(target, path, "a tiny ViT with registers")
+    x = torch.randn(2, 3, 28, 28)
+    torch.testing.assert_close(target.forward_features(x), source.forward_features(x))
+
+
+def test_timm_and_safetensors_files(tmp_path):
+    tiny = build_teacher("tiny", img_size=28)
+    x = torch.randn(2, 3, 28, 28)
+    state = tiny.backbone.state_dict()
+    torch.save({"model": state}, tmp_path / "timm.pth")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "timm.safetensors"))
+    for name in ("timm.pth", "timm.safetensors"):
+        torch.testing.assert_close(build_teacher("tiny", weights=tmp_path / name, img_size=28)(x), tiny(x))
+
+
+def test_dinov2_name_from_a_file_at_518_px_resampled(tmp_path):
+    import timm
+
+    model = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, img_size=28)
+    state = to_dinov2_layout(model.state_dict())
+    state["pos_embed"] = torch.randn(1, 1 + 37 * 37, 384) * 0.02  # the official 518 px grid
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(state, path)
+    teacher = build_teacher("dinov2_vits14", weights=path, img_size=28, pool="cls+mean")
+    assert teacher.backbone.pos_embed.shape == (1, 1 + 4, 384)
+    assert teacher.backbone_id == "vit_small_patch14_dinov2.lvd142m" and teacher.feature_dim == 768
+    assert teacher.mean == IMAGENET_MEAN and not teacher.is_random_init
+    assert torch.isfinite(teacher(torch.randn(2, 3, 28, 28))).all()
+    tiny = tmp_path / "tiny.pth"
+    torch.save(build_teacher("tiny", img_size=28).backbone.state_dict(), tiny)
+    with pytest.raises(
+        MedkdError, match="does not fit dinov2_vits14 .*missing keys .*shape mismatches .*cls_token"
+    ) as err:
+        build_teacher("dinov2_vits14", weights=tiny, img_size=28)
+    assert str(tiny) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_weights_files(tmp_path):
+    with pytest.raises(MedkdError, match="not found"):
+        build_teacher("tiny", weights=tmp_path / "nope.pth", img_size=28)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(MedkdError, match="cannot read weights file .*garbage.pth"):
+        build_teacher("tiny", weights=garbage, img_size=28)
+    partial = tmp_path / "partial.pth"
+    torch.save({"cls_token": torch.zeros(1, 1, 48)}, partial)
+    with pytest.raises(MedkdError, match="partial.pth does not fit tiny .*missing keys"):
+        build_teacher("tiny", weights=partial, img_size=28)
+
+
+def test_offline_download_names_weights(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
+    with pytest.raises(MedkdError) as err:
+        build_teacher("dinov2_vits14", img_size=28)
+    message = str(err.value)
+    assert "could not download vit_small_patch14_dinov2.lvd142m weights" in message
+    assert "dinov2_vits14_pretrain.pth" in message and "--weights FILE" in message and "\n" not in message
+
+
+def test_extract_features_in_order_once_each():
+    teacher = build_teacher("tiny", img_size=56, pool="cls+mean")
+    images = torch.randint(0, 256, (11, 28, 28), dtype=torch.uint8).numpy()
+    labels = torch.randint(0, 2, (11, 1)).numpy()
+    split = DeviceSplit(images, labels, "binary-class", "cpu")
+    features = extract_features(teacher, split, batch_size=4, quiet=True)
+    assert features.shape == (11, 96) and features.dtype == torch.float32
+    expected = teacher(prepare_images(split.images, View(56, teacher.mean, teacher.std)))
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
