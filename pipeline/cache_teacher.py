@@ -22,6 +22,7 @@ from medkd.data import SPLITS, DeviceSplit, data_sha256, dataset_info, load_arra
 from medkd.errors import MedkdError
 from medkd.head import train_head
 from medkd.teachers import build_teacher, extract_features
+from medkd.train import resolve_device
 
 PROVENANCE = (
     "dataset",
@@ -44,13 +45,6 @@ PROVENANCE = (
     "feature_seconds",
     "head_seconds",
 )
-
-
-def resolve_device(device: str) -> torch.device:
-    """ "auto" → cuda if available, else cpu; anything else as given (checked by the config)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _check_output(path: Path, force: bool) -> None:

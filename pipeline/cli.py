@@ -180,5 +180,101 @@ def distill(ctx: click.Context, **_: Any) -> None:
     click.echo(result["run_dir"])
 
 
+def _numbers(kind: type) -> Any:
+    """A click callback: `0.1,0.2` → (0.1, 0.2) of `kind`."""
+
+    def parse(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple | None:
+        if value is None:
+            return None
+        try:
+            return tuple(kind(v) for v in value.split(","))
+        except ValueError:
+            example = "0,1,2" if kind is int else "0.1,0.2"
+            raise click.BadParameter(
+                f"expected comma-separated numbers like {example}, got '{value}'"
+            ) from None
+
+    return parse
+
+
+def _pairs(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple | None:
+    if value is None:
+        return None
+    try:
+        return tuple((float(t), float(a)) for t, a in (p.split(":") for p in value.split(",")))
+    except ValueError:
+        raise click.BadParameter(
+            f"expected TEMPERATURE:ALPHA pairs like 2:0.2,5:0.5, got '{value}'"
+        ) from None
+
+
+@main.command()
+@click.option("--cache", type=click.Path(dir_okay=False), help="Teacher cache, read once for every trial.")
+@click.option("--dataset", help="MedMNIST flag, for a baseline-only sweep (--alpha 1) without a cache.")
+@click.option("--size", type=int, default=28, show_default=True, help="MedMNIST image size (with --dataset).")
+@click.option("--alpha", callback=_numbers(float), help="Comma list of alphas, e.g. 0.1,0.2 [default: 0.2].")
+@click.option("--temperature", callback=_numbers(float), help="Comma list of temperatures [default: 2].")
+@click.option(
+    "--pairs", callback=_pairs, help="TEMPERATURE:ALPHA pairs instead of the grid, e.g. 2:0.2,5:0.5."
+)
+@click.option("--seed", callback=_numbers(int), help="Comma list of seeds [default: 0].")
+@click.option("--lr", callback=_numbers(float), help="Comma list of learning rates [default: 0.001].")
+@click.option("--student", type=click.Choice(STUDENT_NAMES), default="resnet50", show_default=True)
+@click.option("--student-size", type=int, help="Student input size [default: the data's size].")
+@click.option("--student-weights", help="Initial student weights (a state dict or a medkd best.pt).")
+@click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default="bicubic", show_default=True)
+@click.option("--patience", type=int, help="Stop after this many epochs without a better val AUC.")
+@click.option("--epochs", type=int, default=100, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option(
+    "--milestones", callback=_milestones, help="Epochs where lr drops ×0.1 [default: epochs/2, 3·epochs/4]."
+)
+@click.option("--out", help="Sweep folder, one run folder per trial [default: runs/sweep_<cache>_<student>].")
+@data_dir_option
+@click.option("--download", is_flag=True, help="Fetch missing MedMNIST files with medmnist's downloader.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--force", is_flag=True, help="Retrain trials whose folder holds a run of another config.")
+@click.option("--quiet", is_flag=True, help="No progress bars; one status line per trial.")
+@config_option
+@click.pass_context
+def sweep(ctx: click.Context, **_: Any) -> None:
+    """Grid of student runs (alpha × temperature × seed × lr) from one cache; finished trials are skipped."""
+    from medkd.config import read_toml, section_values
+    from medkd.sweep import make_sweep_config, run_sweep
+
+    file_values = read_toml(ctx.params["config"]) if ctx.params.get("config") else {}
+    sweep_cfg = make_sweep_config(section_values(file_values, "sweep"), given(ctx))
+    run_sweep(sweep_cfg, console=console)
+    click.echo(str(sweep_cfg.out_path()))
+
+
+@main.command()
+@click.argument("runs_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--format", "fmt", type=click.Choice(("table", "csv", "markdown")), default="table", show_default=True
+)
+@click.option(
+    "--plot", type=click.Path(dir_okay=False), help="Write ablation curves (PNG) like the paper's Fig. 4."
+)
+def report(runs_dir: str, fmt: str, plot: str | None) -> None:
+    """Summarise every run below RUNS_DIR over seeds (mean ± std); list incomplete and broken runs."""
+    from medkd.report import report as run_report
+
+    run_report(runs_dir, fmt=fmt, plot=plot, console=console)
+
+
+@main.command()
+@click.option(
+    "--out", default="medkd-demo", show_default=True, help="Folder for data, cache, runs and report."
+)
+@click.option("--force", is_flag=True, help="Redo the demo in a folder that already holds one.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(out: str, force: bool, quiet: bool) -> None:
+    """The whole pipeline on synthetic data, on the CPU, in minutes: cache, baseline, KD, sweep, report."""
+    from medkd.demo import run_demo
+
+    run_demo(out, quiet=quiet, force=force, console=console)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

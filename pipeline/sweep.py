@@ -12,13 +12,16 @@ import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from medkd.config import DistillConfig, config_fields, make_config, to_dict
 from medkd.errors import MedkdError
 from medkd.runs import RESULT, config_hash, read_result, write_json
+
+if TYPE_CHECKING:
+    from medkd.cache import TeacherCache
 
 GRID_KEYS = ("alpha", "temperature", "seed", "lr")
 ERROR = "error.json"  # written into a trial's folder when its run fails after the folder was made
@@ -98,7 +101,9 @@ class SweepConfig:
             )
         normal = {
             "alpha": None if self.alpha is None else _as_tuple("alpha", self.alpha, float),
-            "temperature": None if self.temperature is None else _as_tuple("temperature", self.temperature, float),
+            "temperature": None
+            if self.temperature is None
+            else _as_tuple("temperature", self.temperature, float),
             "pairs": None if self.pairs is None else _as_pairs(self.pairs),
             "seed": _as_tuple("seed", self.seed, int),
             "lr": _as_tuple("lr", self.lr, float),
@@ -203,7 +208,9 @@ def finished_result(config: dict[str, Any]) -> dict[str, Any] | None:
     )
 
 
-def run_trial(config: dict[str, Any], cache: Any = None, console: Console | None = None) -> dict[str, Any]:
+def run_trial(
+    config: dict[str, Any], cache: TeacherCache | None = None, console: Console | None = None
+) -> dict[str, Any]:
     """Run one trial (a DistillConfig as a dict) unless its folder already holds its result; return it.
 
     `cache` is a `TeacherCache` already in memory (else `distill` reads `config["cache"]`). A run that
@@ -230,8 +237,13 @@ def run_sweep(sweep: SweepConfig, console: Console | None = None) -> list[dict[s
 
     The cache is read once, and only if a trial needs training. Results are read back from disk.
     """
+    from medkd.cache import MAKE_ONE
+
     console = console or Console(stderr=True)
     trials, out = expand(sweep), sweep.out_path()
+    if sweep.cache is not None and not Path(sweep.cache).is_file():  # before anything is written
+        raise MedkdError(f"teacher cache {sweep.cache} not found; {MAKE_ONE}")
+    finished = [finished_result(config) is not None for config in trials]  # refuses a clash before any work
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "sweep.json", {"sweep": to_dict(sweep), "trials": [Path(t["out"]).name for t in trials]})
     # With --quiet, distill's own progress bar and summary are silenced; the status line below remains.
@@ -240,9 +252,11 @@ def run_sweep(sweep: SweepConfig, console: Console | None = None) -> list[dict[s
     for i, config in enumerate(trials, 1):
         name, start = Path(config["out"]).name, time.perf_counter()
         prefix = f"[{i:>{width}}/{len(trials)}] {name}"
-        if finished_result(config) is not None:
+        if finished[i - 1]:
             result = read_result(config["out"])
-            console.print(f"{prefix} skipped (finished): test AUC {result['test']['auc']:.4f}")
+            console.print(
+                f"{prefix} skipped (finished): test AUC {result['test']['auc']:.4f}", soft_wrap=True
+            )
             continue
         if cache is None and sweep.cache is not None:
             from medkd.cache import TeacherCache
@@ -252,8 +266,8 @@ def run_sweep(sweep: SweepConfig, console: Console | None = None) -> list[dict[s
         ran += 1
         console.print(
             f"{prefix} ran in {time.perf_counter() - start:.0f} s: val AUC {result['val']['auc']:.4f}, "
-            f"test AUC {result['test']['auc']:.4f} ACC {result['test']['acc']:.4f}"
+            f"test AUC {result['test']['auc']:.4f} ACC {result['test']['acc']:.4f}",
+            soft_wrap=True,
         )
-    console.print(f"sweep {out}: {ran} trial(s) ran, {len(trials) - ran} skipped")
+    console.print(f"sweep {out}: {ran} trial(s) ran, {len(trials) - ran} skipped", soft_wrap=True)
     return [read_result(t["out"]) for t in trials]
-

@@ -136,25 +136,23 @@ def build_teacher(
         with torch.random.fork_rng(devices=[]):  # deterministic, and the caller's RNG is left alone
             torch.manual_seed(TINY_SEED)
             backbone = VisionTransformer(img_size=img_size, init_values=TINY_LAYER_SCALE, **TINY_ARGS)
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
     elif weights is None:
         backbone = _download(spec, img_size)
         sha = _hub_file_sha256(spec.timm_id)
     else:
         backbone = timm.create_model(spec.timm_id, pretrained=False, img_size=img_size)
-    if name != "tiny":
-        mean, std = backbone.pretrained_cfg["mean"], backbone.pretrained_cfg["std"]
     if weights is not None:
         load_weights(backbone, Path(weights), f"{name} ({spec.timm_id}) at {img_size} px")
         sha = file_sha256(weights)
+    cfg = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD} if name == "tiny" else backbone.pretrained_cfg
     return FrozenTeacher(
         name,
         backbone,
         spec.timm_id,
         pool,
         img_size,
-        mean,
-        std,
+        cfg["mean"],
+        cfg["std"],
         sha,
         is_random_init=name == "tiny" and weights is None,
     )

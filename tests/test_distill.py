@@ -43,24 +43,23 @@ def overwrite_logits(path: Path, logits: np.ndarray) -> None:
         f["train/logits"][...] = logits
 
 
-@pytest.mark.parametrize("shuffle_logits", [False, True])
-def test_teacher_logits_are_looked_up_by_dataset_index(synthetic_root, caches, tmp_path, shuffle_logits):
+@pytest.mark.parametrize("flip_logits", [False, True])
+def test_teacher_logits_are_looked_up_by_dataset_index(synthetic_root, caches, tmp_path, flip_logits):
     # Logits that spell out each image's label: with alpha=0 the labels reach the student only through
-    # them, so a student fed by batch position (shuffled batches) would learn noise. The shuffled
-    # control shows the test can fail: logits that do not belong to their images teach nothing.
+    # them, so a student fed by batch position (shuffled batches) would learn noise. The control gives
+    # every image the other class's logits: the student then learns the opposite, so the test can fail.
+    # (A shuffled control is too weak here: 32 test images leave chance AUC anywhere in 0.3-0.8.)
     cache = tmp_path / "onehot.h5"
     cache.write_bytes(caches["breastmnist"].read_bytes())
     with h5py.File(cache, "r") as f:
         labels = f["train/labels"][:, 0]
-    logits = 8.0 * (np.eye(2)[labels] - 0.5)
-    if shuffle_logits:
-        logits = np.random.default_rng(0).permutation(logits)
+    logits = 8.0 * (np.eye(2)[1 - labels if flip_logits else labels] - 0.5)
     overwrite_logits(cache, logits.astype(np.float32))
     result = distill(
-        quick(cache=str(cache), data_dir=str(synthetic_root), alpha=0.0, epochs=6, out=str(tmp_path / "run"))
+        quick(cache=str(cache), data_dir=str(synthetic_root), alpha=0.0, epochs=2, out=str(tmp_path / "run"))
     )
-    if shuffle_logits:
-        assert result["test"]["auc"] < 0.75
+    if flip_logits:
+        assert result["test"]["auc"] < 0.5, result["history"]
     else:
         assert result["test"]["auc"] > 0.9
 
@@ -108,7 +107,7 @@ def test_same_seed_same_run_on_cpu(synthetic_root, caches, tmp_path):
             quick(
                 cache=str(caches["retinamnist"]),
                 data_dir=str(synthetic_root),
-                epochs=2,
+                epochs=1,
                 out=str(tmp_path / f"r{i}"),
             )
         )
@@ -119,7 +118,7 @@ def test_same_seed_same_run_on_cpu(synthetic_root, caches, tmp_path):
         quick(
             cache=str(caches["retinamnist"]),
             data_dir=str(synthetic_root),
-            epochs=2,
+            epochs=1,
             seed=1,
             out=str(tmp_path / "r2"),
         )

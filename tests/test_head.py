@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import TASK_FLAGS
+
 from medkd.data import SPLITS, DeviceSplit, dataset_info, load_arrays, num_outputs
 from medkd.head import _better, train_head
 
 
 def pixel_features(root, flag):
-    """Synthetic features: each image average-pooled to 7x7 per channel, standardised. (features, targets, labels)"""
+    """Synthetic features: each image average-pooled to 7x7 per channel, standardised."""
     task = dataset_info(flag)["task"]
     features, targets, labels = {}, {}, {}
     for split, (images, split_labels) in load_arrays(flag, 28, root).items():
@@ -31,7 +31,7 @@ def test_learns_every_task_type_well_above_chance(synthetic_root, task):
     flag = TASK_FLAGS[task]
     features, targets, labels, task = pixel_features(synthetic_root, flag)
     head, info = train_head(
-        features, targets, labels, task, epochs=15, n_labels=len(dataset_info(flag)["label"])
+        features, targets, labels, task, epochs=15, lr=1e-2, n_labels=len(dataset_info(flag)["label"])
     )
     assert head.out_features == num_outputs(task, len(dataset_info(flag)["label"]))
     assert info["val_auc"] > 0.8 and info["test_auc"] > 0.75, info
@@ -55,12 +55,14 @@ def test_learns_every_task_type_well_above_chance(synthetic_root, task):
 def test_float16_features_seeded_and_repeatable(synthetic_root):
     features, targets, labels, task = pixel_features(synthetic_root, "breastmnist")
     half = {s: f.half() for s, f in features.items()}
+    threads = torch.get_num_threads()
     a, info_a = train_head(half, targets, labels, task, epochs=4, seed=3)
     b, info_b = train_head(half, targets, labels, task, epochs=4, seed=3)
     c, _ = train_head(half, targets, labels, task, epochs=4, seed=4)
     assert torch.equal(a.weight, b.weight) and info_a["history"] == info_b["history"]
     assert not torch.equal(a.weight, c.weight)
     assert a.weight.dtype == torch.float32
+    assert torch.get_num_threads() == threads  # the single-thread loop restores the caller's setting
 
 
 def test_lr_drops_at_milestones(synthetic_root, monkeypatch):

@@ -1,0 +1,444 @@
+"""`medkd report`: every run below a folder, grouped over seeds, as a table, CSV or Markdown, and plots.
+
+Runs are read from their `result.json` alone; nothing is re-run. A folder that holds run files but
+no valid `result.json` is listed as incomplete or broken, never dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from medkd.errors import MedkdError
+from medkd.runs import CHECKPOINT, PREDICTIONS, RESULT, atomic_path, read_result
+
+FORMATS = ("table", "csv", "markdown")
+ERROR = "error.json"  # left by a sweep trial that failed (medkd.sweep.run_trial)
+METRICS = ("val_auc", "val_acc", "test_auc", "test_acc")
+KIND_ORDER = {"teacher": 0, "baseline": 1, "kd": 2}
+# What makes two runs the same experiment (seed aside); shown in the table and the CSV.
+GROUP_FIELDS = (
+    "dataset",
+    "size",
+    "teacher",
+    "student",
+    "student_size",
+    "alpha",
+    "temperature",
+    "lr",
+    "epochs",
+)
+CSV_FIELDS = (
+    "kind",
+    *GROUP_FIELDS,
+    "batch_size",
+    "n_seeds",
+    "seeds",
+    *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
+    "best_epoch_mean",
+    "epochs_run_mean",
+    "wall_seconds_mean",
+)
+
+
+# ---------------------------------------------------------------- finding runs
+
+
+def collect_runs(runs_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """`(results, problems)` below `runs_dir`: each valid `result.json` (plus `path`, its folder), and
+    `{"run_dir", "status": "incomplete" | "broken", "reason"}` for every folder with run files but none.
+    """
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise MedkdError(f"{root} is not a folder; give the folder that holds run folders (e.g. runs/)")
+    markers = (RESULT, CHECKPOINT, PREDICTIONS, ERROR)
+    folders = sorted({p.parent for name in markers for p in root.rglob(name) if p.is_file()})
+    results, problems = [], []
+    for folder in folders:
+        try:
+            result = _valid_result(folder)
+        except MedkdError as err:
+            problems.append({"run_dir": str(folder), "status": "broken", "reason": str(err)})
+            continue
+        if result is not None:
+            results.append({**result, "path": str(folder)})
+        elif (folder / ERROR).is_file():
+            problems.append({"run_dir": str(folder), "status": "broken", "reason": _error_reason(folder)})
+        else:
+            present = ", ".join(n for n in (CHECKPOINT, PREDICTIONS) if (folder / n).is_file())
+            reason = f"{present} but no {RESULT}: killed, or still running"
+            problems.append({"run_dir": str(folder), "status": "incomplete", "reason": reason})
+    return results, problems
+
+
+def _valid_result(folder: Path) -> dict[str, Any] | None:
+    if not (folder / RESULT).is_file():
+        return None
+    result = read_result(folder)
+    if not isinstance(result, dict) or "medkd_result" not in result:
+        raise MedkdError(f"{folder / RESULT} is not a medkd result (no 'medkd_result' key)")
+    needed = ("config", "dataset", "size", "student", "alpha", "temperature", "lr", "seed", "val", "test")
+    missing = [k for k in needed if k not in result]
+    if missing:
+        raise MedkdError(f"{folder / RESULT} lacks {', '.join(missing)}")
+    return result
+
+
+def _error_reason(folder: Path) -> str:
+    try:
+        return str(json.loads((folder / ERROR).read_text())["error"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{ERROR} present (unreadable)"
+
+
+# ---------------------------------------------------------------- grouping over seeds
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof=1); no std from a single value."""
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), (float(array.std(ddof=1)) if len(array) > 1 else None)
+
+
+def _run_key(result: dict[str, Any]) -> tuple:
+    cfg, baseline = result["config"], bool(result.get("baseline", result["alpha"] == 1.0))
+    teacher = result.get("teacher") or {}
+    identity = (teacher.get("teacher"), teacher.get("teacher_input_size"), teacher.get("weights_sha256"))
+    return (
+        result["dataset"],
+        result["size"],
+        "baseline" if baseline else "kd",
+        None if baseline else identity,  # a baseline learns from labels only: its teacher does not matter
+        result["student"],
+        result.get("student_size"),
+        result["alpha"],
+        None if baseline else result["temperature"],
+        result["lr"],
+        cfg.get("epochs"),
+        cfg.get("batch_size"),
+        tuple(cfg.get("milestones") or ()),
+        cfg.get("patience"),
+        cfg.get("interpolation"),
+        cfg.get("student_weights"),
+        (result.get("data_sha256") or {}).get("test"),  # synthetic and genuine data of one flag differ
+    )
+
+
+def _student_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    first = runs[0]
+    baseline = _run_key(first)[2] == "baseline"
+    row = {
+        "kind": "baseline" if baseline else "kd",
+        "dataset": first["dataset"],
+        "size": first["size"],
+        "teacher": None if baseline else (first.get("teacher") or {}).get("teacher"),
+        "student": first["student"],
+        "student_size": first.get("student_size"),
+        "alpha": first["alpha"],
+        "temperature": None if baseline else first["temperature"],
+        "lr": first["lr"],
+        "epochs": first["config"].get("epochs"),
+        "batch_size": first["config"].get("batch_size"),
+        "n_seeds": len(runs),
+        "seeds": sorted(r["seed"] for r in runs),
+        "run_dirs": sorted(r["path"] for r in runs),
+    }
+    for metric in METRICS:
+        split, name = metric.split("_")
+        row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([r[split][name] for r in runs])
+    row["best_epoch_mean"] = float(np.mean([r.get("best_epoch", math.nan) for r in runs]))
+    row["epochs_run_mean"] = float(np.mean([r.get("epochs_run", math.nan) for r in runs]))
+    row["wall_seconds_mean"] = float(np.mean([r.get("wall_seconds", math.nan) for r in runs]))
+    return row
+
+
+def _teacher_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (dataset, teacher): its test AUC/ACC, over the distinct caches the runs used."""
+    caches: dict[tuple, dict[tuple, dict[str, Any]]] = {}
+    for r in results:
+        teacher = r.get("teacher")
+        if not teacher or "test_auc" not in teacher:
+            continue
+        key = (
+            r["dataset"],
+            r["size"],
+            teacher.get("teacher"),
+            teacher.get("teacher_input_size"),
+            teacher.get("weights_sha256"),
+            (r.get("data_sha256") or {}).get("test"),
+        )
+        cache_id = (teacher.get("cache"), teacher["test_auc"], teacher["test_acc"])
+        caches.setdefault(key, {})[cache_id] = teacher
+    rows = []
+    for (dataset, size, name, *_), found in caches.items():
+        row = dict.fromkeys(CSV_FIELDS)
+        row.update(kind="teacher", dataset=dataset, size=size, teacher=name, n_seeds=len(found), seeds=[])
+        row["run_dirs"] = sorted(str(c) for c, *_ in found)
+        for metric in ("test_auc", "test_acc"):
+            row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([t[metric] for t in found.values()])
+        rows.append(row)
+    return rows
+
+
+def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of mean ± std over seeds: one per teacher, per baseline config and per KD config.
+
+    Each row has `kind` ("teacher", "baseline", "kd"), the GROUP_FIELDS, `n_seeds`, `seeds`,
+    `<split>_<auc|acc>_<mean|std>` (std is the sample std, None for one seed), `best_epoch_mean`,
+    `epochs_run_mean`, `wall_seconds_mean` and `run_dirs`. Teacher rows carry test metrics only.
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault(_run_key(r), []).append(r)
+    rows = _teacher_rows(results) + [_student_row(runs) for runs in groups.values()]
+
+    def order(row: dict[str, Any]) -> tuple:
+        return tuple(
+            (v is None, v if v is not None else 0)
+            for v in (
+                row["dataset"],
+                row["size"],
+                KIND_ORDER[row["kind"]],
+                row["teacher"],
+                row["student"],
+                row["student_size"],
+                row["lr"],
+                row["epochs"],
+                row["alpha"],
+                row["temperature"],
+            )
+        )
+
+    return sorted(rows, key=order)
+
+
+# ---------------------------------------------------------------- output
+
+
+def _pm(row: dict[str, Any], metric: str) -> str:
+    mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
+    if mean is None:
+        return "—"
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def _display(row: dict[str, Any]) -> list[str]:
+    """The table cells of a row, shared by the rich table and Markdown."""
+    kind = row["kind"]
+    teacher = {"teacher": f"{row['teacher']} (teacher)", "baseline": "baseline (α=1)"}.get(
+        kind, row["teacher"] or "—"
+    )
+    student = "—" if kind == "teacher" else row["student"]
+    if kind != "teacher" and row["student_size"] not in (None, row["size"]):
+        student += f"@{row['student_size']}"
+    epochs = "—" if kind == "teacher" else f"{row['best_epoch_mean']:.1f} / {row['epochs_run_mean']:.0f}"
+    return [
+        row["dataset"],
+        str(row["size"]),
+        teacher,
+        student,
+        "—" if row["alpha"] is None else f"{row['alpha']:g}",
+        "—" if row["temperature"] is None else f"{row['temperature']:g}",
+        "—" if row["lr"] is None else f"{row['lr']:g}",
+        "—" if kind == "teacher" else str(row["n_seeds"]),
+        *(_pm(row, m) for m in METRICS),
+        epochs,
+        "—" if kind == "teacher" else f"{row['wall_seconds_mean']:.0f} s",
+    ]
+
+
+HEADERS = (
+    "dataset", "size", "teacher", "student", "α", "T", "lr", "seeds",
+    "val AUC", "val ACC", "test AUC", "test ACC", "epoch best/run", "time",
+)  # fmt: skip
+
+
+def render_table(rows: list[dict[str, Any]], title: str = "", compact: bool = True) -> Table:
+    """A rich table of summarised rows (mean ± std over seeds).
+
+    `compact` moves dataset, size, lr and seeds into the title when every row shares them.
+    """
+    from rich import box
+
+    cells = [_display(row) for row in rows]
+    keep, shared = list(range(len(HEADERS))), []
+    if compact:
+        for i, header in enumerate(HEADERS):
+            values = {c[i] for c in cells} - {"—"}
+            if header in ("dataset", "size", "lr", "seeds") and len(values) == 1:
+                keep.remove(i)
+                shared.append(f"{header} {values.pop()}")
+    title = " — ".join(filter(None, [title, ", ".join(shared)]))
+    table = Table(title=title or None, box=box.SIMPLE_HEAD)
+    for i in keep:
+        table.add_column(
+            HEADERS[i], justify="left" if HEADERS[i] in ("dataset", "teacher", "student") else "right"
+        )
+    for row, row_cells in zip(rows, cells, strict=True):
+        style = {"teacher": "cyan", "baseline": "magenta"}.get(row["kind"])
+        table.add_row(*(row_cells[i] for i in keep), style=style)
+    return table
+
+
+def print_table(console: Console, table: Table, min_width: int = 140) -> None:
+    """Print `table`; into a file or pipe (no terminal width to follow) at least `min_width` wide."""
+    if console.is_terminal or console.quiet:
+        console.print(table)
+    else:
+        Console(file=console.file, width=max(console.width, min_width), no_color=console.no_color).print(
+            table
+        )
+
+
+def render_markdown(rows: list[dict[str, Any]]) -> str:
+    """A GitHub-flavoured Markdown table of summarised rows."""
+    aligns = [":--" if h in ("dataset", "teacher", "student") else "--:" for h in HEADERS]
+    lines = ["| " + " | ".join(HEADERS) + " |", "| " + " | ".join(aligns) + " |"]
+    lines += ["| " + " | ".join(_display(row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(rows: list[dict[str, Any]]) -> str:
+    """CSV, one line per row, mean and std in separate columns at full precision (empty = not defined)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        cells = {k: "" if row.get(k) is None else row[k] for k in CSV_FIELDS}
+        cells["seeds"] = ";".join(str(s) for s in row.get("seeds") or [])
+        writer.writerow(cells)
+    return buffer.getvalue()
+
+
+def problem_line(problem: dict[str, Any]) -> str:
+    return f"{problem['status']}: {problem['run_dir']} ({problem['reason']})"
+
+
+# ---------------------------------------------------------------- the ablation plot (paper, Figure 4)
+
+
+def _most_common(values: list[float]) -> float:
+    """The most frequent value; a tie goes to the smallest (T=2 and α=0.2, the paper's choice, win ties)."""
+    counts = Counter(values)
+    return min(counts, key=lambda v: (-counts[v], v))
+
+
+def plot_ablation(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Test AUC and ACC vs α (at the most common T) and vs T (at the most common α), mean ± std over
+    seeds, with the supervised baseline and the teacher as dashed lines; written as a PNG to `path`."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
+
+    kd = [r for r in rows if r["kind"] == "kd"]
+    if not kd:
+        raise MedkdError("nothing to plot: no distillation runs (alpha < 1) were found")
+    context_fields = ("dataset", "size", "teacher", "student", "student_size", "lr", "epochs", "batch_size")
+    contexts = Counter(tuple(r[f] for f in context_fields) for r in kd)
+    context = dict(zip(context_fields, contexts.most_common(1)[0][0], strict=True))
+    kd = [r for r in kd if all(r[f] == v for f, v in context.items())]
+    fixed_t = _most_common([r["temperature"] for r in kd])
+    fixed_a = _most_common([r["alpha"] for r in kd])
+    same = ("dataset", "size", "student", "student_size", "lr", "epochs", "batch_size")
+    baseline = [r for r in rows if r["kind"] == "baseline" and all(r[f] == context[f] for f in same)]
+    teacher = [
+        r
+        for r in rows
+        if r["kind"] == "teacher" and all(r[f] == context[f] for f in ("dataset", "size", "teacher"))
+    ]
+
+    fig = Figure(figsize=(11, 4.6), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    colours = {"test_auc": "tab:blue", "test_acc": "tab:orange"}
+    panels = [
+        (axes[0], "alpha", [r for r in kd if r["temperature"] == fixed_t], f"T = {fixed_t:g}, varying α",
+         "α (weight of the hard-label loss)"),
+        (axes[1], "temperature", [r for r in kd if r["alpha"] == fixed_a], f"α = {fixed_a:g}, varying T",
+         "temperature T"),
+    ]  # fmt: skip
+    for ax, x_key, points, title, xlabel in panels:
+        points = sorted(points, key=lambda r: r[x_key])
+        xs = [r[x_key] for r in points]
+        for metric, label in (("test_auc", "AUC"), ("test_acc", "ACC")):
+            ys = [r[f"{metric}_mean"] for r in points]
+            errs = [r[f"{metric}_std"] or 0.0 for r in points]
+            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=4, color=colours[metric],
+                        label=f"student (KD) test {label}")  # fmt: skip
+            for ref, style, name in (
+                (baseline, "--", "baseline α=1"),
+                (teacher, "-.", f"teacher ({context['teacher']})"),
+            ):
+                if ref:
+                    ax.axhline(ref[0][f"{metric}_mean"], linestyle=style, color=colours[metric], alpha=0.7,
+                               label=f"{name} test {label}")  # fmt: skip
+        if not points:
+            ax.text(0.5, 0.5, "no runs here", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{x:g}" for x in xs])
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test metric (mean ± std over seeds)")
+    seeds = sorted({r["n_seeds"] for r in kd})
+    seeds_text = "–".join(map(str, sorted({seeds[0], seeds[-1]}))) + (" seed" if seeds == [1] else " seeds")
+    fig.suptitle(
+        f"KD ablation — {context['dataset']} {context['size']} px, {context['student']} student from "
+        f"{context['teacher'] or 'teacher'}, {seeds_text} per point"
+    )
+    # One legend for both panels: students first, then baseline, then teacher; AUC before ACC in each.
+    entries = {}
+    for ax in axes:
+        entries.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    kinds = ("student", "baseline", "teacher")
+    labels = sorted(entries, key=lambda lab: (kinds.index(lab.split()[0]), "ACC" in lab))
+    handles = [entries[lab] for lab in labels]
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize="small")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    return path
+
+
+# ---------------------------------------------------------------- the command
+
+
+def report(
+    runs_dir: str | Path,
+    fmt: str = "table",
+    plot: str | Path | None = None,
+    console: Console | None = None,
+    out: Console | None = None,
+) -> list[dict[str, Any]]:
+    """Collect, summarise and print the runs below `runs_dir` (`out`: stdout), problems on `console`
+    (stderr); optionally write the ablation plot. Returns the summary rows."""
+    if fmt not in FORMATS:
+        raise MedkdError(f"unknown --format '{fmt}'; valid: {', '.join(FORMATS)}")
+    console = console or Console(stderr=True)
+    out = out or Console()
+    results, problems = collect_runs(runs_dir)
+    for problem in problems:
+        console.print(problem_line(problem), style="yellow", highlight=False, markup=False, soft_wrap=True)
+    if not results:
+        raise MedkdError(
+            f"no finished runs below {runs_dir} (no valid {RESULT}); make some with `medkd distill` or "
+            f"`medkd sweep`"
+        )
+    rows = summarise(results)
+    if fmt == "table":
+        title = f"{runs_dir}: {len(results)} run(s), mean ± std over seeds"
+        print_table(out, render_table(rows, title=title))
+    else:
+        text = render_csv(rows) if fmt == "csv" else render_markdown(rows)
+        out.file.write(text)
+        out.file.flush()
+    if plot is not None:
+        console.print(f"ablation plot: {plot_ablation(rows, plot)}", highlight=False, soft_wrap=True)
+    return rows

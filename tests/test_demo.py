@@ -1,0 +1,36 @@
+"""`medkd demo`: the whole pipeline on synthetic data, end to end, in well under three minutes."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from medkd.cli import main
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_in_under_three_minutes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, ["demo", "--out", "demo", "--quiet"])
+    seconds = time.perf_counter() - start
+    assert result.exit_code == 0, result.output
+    assert seconds < 180
+    out = tmp_path / "demo"
+    assert "SYNTHETIC" in result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("demo finished in ") and last.endswith("report.png in demo/")
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "report.md").read_text().splitlines()
+    assert len(markdown) == 2 + 6  # teacher, baseline, 2 × 2 sweep (the KD run is one of its trials)
+    runs = sorted(p.parent.relative_to(out / "runs").as_posix() for p in out.glob("runs/**/result.json"))
+    assert runs == ["baseline", *(f"sweep/a{a}_t{t}_s0" for a in ("0.2", "0.5") for t in ("2", "4"))]
+    assert result.output.count("skipped (finished)") == 1  # the sweep reuses the KD run
+    assert json.loads((out / "runs" / "baseline" / "result.json").read_text())["baseline"]
+    assert (out / "cache" / "octmnist_28_tiny.h5").is_file() and (out / "data" / "octmnist.npz").is_file()
+
+    again = CliRunner().invoke(main, ["demo", "--out", "demo"])
+    assert again.exit_code != 0 and "--force" in again.output
