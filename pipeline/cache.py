@@ -4,10 +4,17 @@
 killed run never leaves a half cache under the final name. `TeacherCache` opens the file read-only
 with HDF5 file locking off, checks it, loads logits, labels and the head into memory and closes it;
 `features(split)` reopens it for the (larger, optional) features of one split.
+
+Locking: readers pass `locking=False`, so any number of distill/sweep processes read one cache at once,
+even on NFS or Lustre, which often refuse locks (that safety comes from the atomic rename instead: a
+cache under its final name is complete and never modified). Writers keep HDF5's default locking; where the
+filesystem refuses it, set `HDF5_USE_FILE_LOCKING=FALSE`, which HDF5 applies to every open.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -175,6 +182,7 @@ class TeacherCache:
             self.logits[split] = torch.from_numpy(logits.astype(np.float32))
             self.labels[split] = labels.astype(np.int64)
             self.has_features &= "features" in group
+        self.fingerprint = _fingerprint(self.split_attrs, {s: t.numpy() for s, t in self.logits.items()})
         self.head_attrs = {k: _from_attr(v) for k, v in f["head"].attrs.items()} if "head" in f else None
         self.head_weight = torch.from_numpy(f["head/weight"][()]) if "head/weight" in f else None
         self.head_bias = torch.from_numpy(f["head/bias"][()]) if "head/bias" in f else None
@@ -229,3 +237,36 @@ class TeacherCache:
                     f"{stored['data_sha256'][:12]}…; the data given has n={len(images)} sha256 {sha[:12]}…: "
                     f"{rebuild}"
                 )
+
+
+def _fingerprint(split_attrs: dict[str, dict[str, Any]], logits: dict[str, Any]) -> str:
+    # What a student run reads from a cache: the data it was built from and the logits; not its path,
+    # name or creation time, so a copy (or an identical rebuild) is the same cache.
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        digest.update(split_attrs[split]["data_sha256"].encode())
+        digest.update(np.ascontiguousarray(logits[split], dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def cache_fingerprint(path: str | os.PathLike) -> str:
+    """`TeacherCache(path).fingerprint`, from the logits and data sha256s alone (a sweep asks per trial).
+
+    Remembered per file version; a file that is not a readable cache gets TeacherCache's one-line error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MedkdError(f"teacher cache {path} not found; {MAKE_ONE}")
+    stat = path.stat()
+    return _cached_fingerprint(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_fingerprint(path: str, _mtime_ns: int, _size: int) -> str:
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            split_attrs = {s: {"data_sha256": _from_attr(f[s].attrs["data_sha256"])} for s in SPLITS}
+            return _fingerprint(split_attrs, {s: f[s]["logits"][()] for s in SPLITS})
+    except (OSError, KeyError):
+        TeacherCache(path)  # says what is wrong with the file, in one line
+        raise

@@ -5,14 +5,18 @@ Also `inspect_cache` (`medkd inspect`): what a cache holds and whether its head 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import h5py
+import numpy as np
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from medkd import __version__
@@ -24,6 +28,8 @@ from medkd.head import train_head
 from medkd.teachers import build_teacher, extract_features
 from medkd.train import resolve_device
 
+# A feature chunk is this many feature batches: a killed run loses at most one chunk of teacher passes.
+FEATURE_CHUNK_BATCHES = 16
 PROVENANCE = (
     "dataset",
     "image_size",
@@ -58,8 +64,118 @@ def _check_output(path: Path, force: bool) -> None:
         raise MedkdError(f"output folder {path.parent} is not writable; pass --out PATH elsewhere")
 
 
+def partial_features_path(out: Path) -> Path:
+    """The temporary file the feature pass writes chunk by chunk, beside the cache it is for."""
+    return out.parent / f".{out.name}.features.partial"
+
+
+def _feature_key(cfg: CacheTeacherConfig, teacher: Any, arrays: dict, device: torch.device) -> str:
+    # Everything the features depend on: a partial file with another key is not resumed but redone.
+    # The seed counts because it sets a random-init teacher's weights; the device type because bf16
+    # autocast on CUDA gives other bits than the CPU's float32; the batch size because chunks are whole
+    # batches of it.
+    return json.dumps(
+        {
+            "dataset": cfg.dataset,
+            "size": cfg.size,
+            "teacher": cfg.teacher,
+            "backbone": teacher.backbone_id,
+            "weights_sha256": teacher.weights_sha256,
+            "teacher_input_size": teacher.img_size,
+            "pool": teacher.pool,
+            "seed": cfg.seed,
+            "feature_batch_size": cfg.feature_batch_size,
+            "device": device.type,
+            "data_sha256": {split: data_sha256(*arrays[split]) for split in SPLITS},
+        },
+        sort_keys=True,
+    )
+
+
+def _open_partial(path: Path, key: str, console: Console) -> h5py.File:
+    """The partial feature file for `key`: the one on disk if it is for the same run, else a fresh one."""
+    if path.exists():
+        try:
+            f = h5py.File(path, "a")
+        except OSError as err:
+            if "lock" in str(err):
+                raise MedkdError(
+                    f"{path} is locked: another cache-teacher with the same --out is running; wait for it "
+                    f"or pass another --out"
+                ) from err
+            console.print(
+                f"[yellow]{path} is damaged ({type(err).__name__}); computing features anew", soft_wrap=True
+            )
+        else:
+            if f.attrs.get("key") == key:
+                return f
+            f.close()
+            console.print(f"{path} was made with other arguments; computing features anew", soft_wrap=True)
+        path.unlink()
+    f = h5py.File(path, "w")
+    f.attrs["key"] = key
+    return f
+
+
+def extract_features_resumable(
+    teacher: Any,
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]],
+    task: str,
+    device: torch.device,
+    cfg: CacheTeacherConfig,
+    partial: Path,
+    console: Console,
+) -> dict[str, torch.Tensor]:
+    """Features (N, D) float32 on the CPU per split, written to `partial` one chunk at a time.
+
+    Rerun with the same arguments after a kill, it starts after the last complete chunk (each chunk is
+    `FEATURE_CHUNK_BATCHES` whole feature batches, so the features equal those of an uninterrupted run).
+    """
+    chunk = FEATURE_CHUNK_BATCHES * cfg.feature_batch_size
+    total = sum(len(arrays[split][0]) for split in SPLITS)
+    features = {}
+    with (
+        _open_partial(partial, _feature_key(cfg, teacher, arrays, device), console) as f,
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=cfg.quiet,
+        ) as progress,
+    ):
+        done_before = sum(int(f[split].attrs["done"]) for split in SPLITS if split in f)
+        if done_before:
+            console.print(
+                f"resuming the teacher's features from {partial}: {done_before}/{total} done", soft_wrap=True
+            )
+        bar = progress.add_task(f"{cfg.teacher} features", total=total, completed=done_before)
+        for split in SPLITS:
+            images, split_labels = arrays[split]
+            n = len(images)
+            done = int(f[split].attrs["done"]) if split in f else 0
+            for start in range(done, n, chunk):
+                stop = min(start + chunk, n)
+                data = DeviceSplit(images[start:stop], split_labels[start:stop], task, device)
+                block = extract_features(teacher, data, cfg.feature_batch_size, console, quiet=True)  # (B, D)
+                if split not in f:
+                    f.create_dataset(split, shape=(n, block.shape[1]), dtype=np.float32)
+                f[split][start:stop] = block.numpy()
+                # Rows first, then the count, then flush: a kill at any point leaves `done` <= rows written.
+                f[split].attrs["done"] = stop
+                f.flush()
+                progress.advance(bar, stop - start)
+            features[split] = torch.from_numpy(f[split][()])
+    return features
+
+
 def cache_teacher(cfg: CacheTeacherConfig, console: Console | None = None) -> Path:
     """Run the frozen teacher once over the dataset, train its head on the features, write the cache."""
+    from medkd.run_teacher import cache_run_teacher, is_run_teacher
+
+    if is_run_teacher(cfg.teacher):  # finished medkd runs: their own classifiers, no backbone, no head
+        return cache_run_teacher(cfg, console)
     console = console or Console(stderr=True)
     out = cfg.out_path()
     _check_output(out, cfg.force)  # before any data or model is loaded
@@ -70,15 +186,11 @@ def cache_teacher(cfg: CacheTeacherConfig, console: Console | None = None) -> Pa
     arrays = load_arrays(cfg.dataset, cfg.size, cfg.data_dir, cfg.download)
     teacher = build_teacher(cfg.teacher, cfg.weights, cfg.teacher_size, cfg.pool)
 
-    features, targets, labels = {}, {}, {}
     start = time.perf_counter()
-    for split in SPLITS:
-        images, split_labels = arrays[split]
-        data = DeviceSplit(images, split_labels, task, device)
-        # (N, D) float32 on the CPU
-        features[split] = extract_features(teacher, data, cfg.feature_batch_size, console, cfg.quiet)
-        targets[split], labels[split] = data.targets.cpu(), split_labels
-        del data  # free the device copy of the images before the next split
+    partial = partial_features_path(out)
+    features = extract_features_resumable(teacher, arrays, task, device, cfg, partial, console)  # (N, D)
+    labels = {split: arrays[split][1] for split in SPLITS}
+    targets = {split: DeviceSplit(*arrays[split], task, "cpu").targets for split in SPLITS}
     feature_seconds = time.perf_counter() - start
     n_images = sum(len(f) for f in features.values())
 
@@ -147,6 +259,7 @@ def cache_teacher(cfg: CacheTeacherConfig, console: Console | None = None) -> Pa
         },
     }
     write_cache(out, attrs=attrs, splits=splits, split_attrs=split_attrs, head=head_record)
+    partial.unlink(missing_ok=True)  # the cache is complete: a rerun has nothing to resume
 
     note = " [yellow](random-init teacher: a test, not a real teacher)[/]" if teacher.is_random_init else ""
     console.print(

@@ -15,6 +15,7 @@ from rich.console import Console
 from medkd import __version__
 from medkd.config import INTERPOLATIONS, POOLS, STUDENT_NAMES, TEACHER_NAMES
 from medkd.errors import MedkdError
+from medkd.launch import LAUNCHERS
 
 # Progress and tables go to stderr; stdout carries machine-readable output (paths, CSV).
 console = Console(stderr=True)
@@ -29,7 +30,8 @@ class MedkdGroup(click.Group):
         except MedkdError as err:
             if ctx.meta.get("medkd.debug"):
                 raise
-            raise click.ClickException(str(err)) from None
+            # One line even when a message quotes a library's multi-line error text.
+            raise click.ClickException(" ".join(str(err).split())) from None
 
 
 @click.group(cls=MedkdGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,6 +65,28 @@ def _milestones(_ctx: click.Context, _param: click.Parameter, value: str | None)
         return tuple(int(v) for v in value.split(","))
     except ValueError:
         raise click.BadParameter(f"expected comma-separated epochs like 50,75, got '{value}'") from None
+
+
+def _teachers(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> str | None:
+    """`--teacher` given once or more, each a name or a comma list: one comma-joined string, or None."""
+    from medkd.config import RUN_PREFIX
+
+    items = [item.strip() for v in value for item in v.split(",") if item.strip()]
+    if not items:
+        return None
+    runs = [item for item in items if item.startswith(RUN_PREFIX)]
+    if not runs:  # backbone names: the last flag wins, as for any repeated option
+        items = [item.strip() for item in value[-1].split(",") if item.strip()]
+        if len(items) > 1:
+            raise click.BadParameter("give one backbone teacher; ensembles are of finished runs (run:PATH)")
+        if items[0] not in TEACHER_NAMES:
+            raise click.BadParameter(
+                f"'{items[0]}' is not one of {', '.join(TEACHER_NAMES)}, nor run:PATH of a finished medkd run"
+            )
+    elif len(runs) != len(items):
+        other = next(item for item in items if not item.startswith(RUN_PREFIX))
+        raise click.BadParameter(f"'{other}' cannot join an ensemble of runs; give only run:PATH values")
+    return ",".join(items)
 
 
 config_option = click.option(
@@ -130,7 +154,13 @@ def datasets(data_dir: str | None, verify: bool) -> None:
 @main.command("cache-teacher")
 @click.option("--dataset", help="MedMNIST flag, e.g. breastmnist.")
 @click.option("--size", type=int, default=28, show_default=True, help="MedMNIST image size of the data file.")
-@click.option("--teacher", type=click.Choice(TEACHER_NAMES), default="dinov2_vitb14", show_default=True)
+@click.option(
+    "--teacher",
+    multiple=True,
+    callback=_teachers,
+    help=f"{', '.join(TEACHER_NAMES)} [default: dinov2_vitb14]; or run:PATH, a finished medkd run "
+    "(repeat it or give a comma list for a mean-logit ensemble).",
+)
 @click.option("--weights", help="Backbone weights on disk (official dinov2_vit*14_pretrain.pth or timm).")
 @click.option("--teacher-size", type=int, default=224, show_default=True, help="Teacher input size (×14).")
 @click.option("--pool", type=click.Choice(POOLS), default="cls", show_default=True)
@@ -169,6 +199,9 @@ def inspect_cmd(cache: str) -> None:
 @click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default="bicubic", show_default=True)
 @click.option("--patience", type=int, help="Stop after this many epochs without a better val AUC.")
 @click.option("--out", help="Run folder [default: runs/<dataset>_<student>_a<alpha>_t<T>_s<seed>].")
+@click.option(
+    "--resume", is_flag=True, help="Continue the run folder's interrupted run from its last epoch checkpoint."
+)
 @training_options
 @click.pass_context
 def distill(ctx: click.Context, **_: Any) -> None:
@@ -235,16 +268,53 @@ def _pairs(_ctx: click.Context, _param: click.Parameter, value: str | None) -> t
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--force", is_flag=True, help="Retrain trials whose folder holds a run of another config.")
 @click.option("--quiet", is_flag=True, help="No progress bars; one status line per trial.")
+@click.option(
+    "--launcher",
+    type=click.Choice(LAUNCHERS),
+    default="local",
+    show_default=True,
+    help="Where trials run: here one after another, as Ray tasks, or as a Slurm job array (submitit).",
+)
+@click.option(
+    "--gpus-per-trial",
+    type=float,
+    default=0,
+    show_default=True,
+    help="GPUs per trial; fractions (Ray) pack small students onto one GPU, e.g. 0.25 for four.",
+)
+@click.option("--cpus-per-trial", type=float, default=1, show_default=True, help="CPUs per trial.")
+@click.option(
+    "--ray-address", help="Ray cluster to join [default: $RAY_ADDRESS, else a new one on this node]."
+)
+@click.option("--slurm-partition", help="Slurm partition [default: the cluster's].")
+@click.option("--slurm-time-min", type=int, default=60, show_default=True, help="Minutes per array task.")
+@click.option("--slurm-max-parallel", type=int, help="Array tasks running at once [default: all].")
+@click.option(
+    "--slurm-trials-per-job",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Trials packed into one array task, run one after another.",
+)
+@click.option(
+    "--stage-cache",
+    help="Node-local folder (may use $TMPDIR): copy the cache there once per node, sha256-checked.",
+)
 @config_option
 @click.pass_context
 def sweep(ctx: click.Context, **_: Any) -> None:
     """Grid of student runs (alpha × temperature × seed × lr) from one cache; finished trials are skipped."""
-    from medkd.config import read_toml, section_values
+    from medkd.config import make_config, read_toml, section_values
+    from medkd.launch import LaunchConfig, split_launch
     from medkd.sweep import make_sweep_config, run_sweep
 
     file_values = read_toml(ctx.params["config"]) if ctx.params.get("config") else {}
-    sweep_cfg = make_sweep_config(section_values(file_values, "sweep"), given(ctx))
-    run_sweep(sweep_cfg, console=console)
+    # Launcher options may sit in the [sweep] table too; they steer where trials run, not what they are.
+    launch_file, sweep_file = split_launch(section_values(file_values, "sweep"))
+    launch_flags, sweep_flags = split_launch(given(ctx))
+    launch = make_config(LaunchConfig, launch_file, launch_flags)
+    sweep_cfg = make_sweep_config(sweep_file, sweep_flags)
+    run_sweep(sweep_cfg, console=console, launch=launch)
     click.echo(str(sweep_cfg.out_path()))
 
 

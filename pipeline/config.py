@@ -27,6 +27,8 @@ TEACHER_NAMES = (
     "dinov2_vitg14_reg",
     "tiny",
 )
+# A finished medkd run as teacher: `run:runs/NAME`; several (comma list) make a mean-logit ensemble.
+RUN_PREFIX = "run:"
 STUDENT_NAMES = ("resnet18", "resnet50")
 POOLS = ("cls", "cls+mean")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
@@ -48,6 +50,22 @@ def _check_common(cfg: Any) -> None:
         cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
         f"--device must be auto, cpu, cuda[:N] or mps, got '{cfg.device}'",
     )
+
+
+def run_teacher_paths(teacher: str) -> list[str]:
+    """The run folders of a `run:A,run:B` teacher, in order; refuses an item that is not `run:PATH`."""
+    items = [item.strip() for item in teacher.split(",")]
+    bad = [item for item in items if not item.startswith(RUN_PREFIX) or not item[len(RUN_PREFIX) :].strip()]
+    if bad:
+        raise MedkdError(
+            f"teacher '{bad[0]}' in '{teacher}' is not run:PATH; an ensemble lists only finished runs "
+            f"(run:runs/A,run:runs/B), not backbone names"
+        )
+    paths = [item[len(RUN_PREFIX) :].strip() for item in items]
+    duplicates = sorted({p for p in paths if paths.count(p) > 1})
+    if duplicates:
+        raise MedkdError(f"teacher run {duplicates[0]} is listed more than once in '{teacher}'")
+    return paths
 
 
 def lr_milestones(epochs: int, milestones: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -81,10 +99,16 @@ class CacheTeacherConfig:
 
     def __post_init__(self) -> None:
         _check_common(self)
-        _check(
-            self.teacher in TEACHER_NAMES,
-            f"unknown teacher '{self.teacher}'; valid: {', '.join(TEACHER_NAMES)}",
-        )
+        if isinstance(self.teacher, (list, tuple)):  # TOML `teacher = ["run:A", "run:B"]`, repeated flags
+            object.__setattr__(self, "teacher", ",".join(str(t).strip() for t in self.teacher))
+        if self.teacher.startswith(RUN_PREFIX):
+            run_teacher_paths(self.teacher)  # every item run:PATH, none twice
+        else:
+            _check(
+                self.teacher in TEACHER_NAMES,
+                f"unknown teacher '{self.teacher}'; valid: {', '.join(TEACHER_NAMES)}, or run:PATH of a "
+                f"finished medkd run (comma list for an ensemble)",
+            )
         _check(self.pool in POOLS, f"unknown --pool '{self.pool}'; valid: {', '.join(POOLS)}")
         _check(
             self.teacher_size % 14 == 0 and self.teacher_size > 0,
@@ -96,8 +120,17 @@ class CacheTeacherConfig:
         )
 
     def out_path(self) -> Path:
-        """Where the cache goes: `--out`, else `cache/<flag>_<size>_<teacher>.h5`."""
-        return Path(self.out) if self.out else Path("cache") / f"{self.dataset}_{self.size}_{self.teacher}.h5"
+        """Where the cache goes: `--out`, else `cache/<flag>_<size>_<teacher>.h5`.
+
+        A run teacher is named by its folder names: `cache/<flag>_<size>_run-<name>[+<name>...].h5`.
+        """
+        if self.out:
+            return Path(self.out)
+        if self.teacher.startswith(RUN_PREFIX):
+            name = "run-" + "+".join(Path(p).name for p in run_teacher_paths(self.teacher))
+        else:
+            name = self.teacher
+        return Path("cache") / f"{self.dataset}_{self.size}_{name}.h5"
 
 
 @dataclass(frozen=True)
@@ -125,11 +158,13 @@ class DistillConfig:
     seed: int = 0
     force: bool = False
     quiet: bool = False
+    resume: bool = False  # continue from the run folder's epoch checkpoint (last.pt) when it has one
 
     def __post_init__(self) -> None:
         _check_common(self)
         _check(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
         _check(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
+        _check(self.temperature < float("inf"), f"--temperature must be finite, got {self.temperature}")
         _check(
             self.student in STUDENT_NAMES,
             f"unknown student '{self.student}'; valid: {', '.join(STUDENT_NAMES)}",

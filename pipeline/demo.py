@@ -19,9 +19,9 @@ from medkd.config import CacheTeacherConfig, DistillConfig
 from medkd.data import dataset_info, make_synthetic_like
 from medkd.distill import distill
 from medkd.errors import MedkdError
+from medkd.plots import plot_ablation
 from medkd.report import (
     collect_runs,
-    plot_ablation,
     print_table,
     problem_line,
     render_markdown,

@@ -21,16 +21,22 @@ from medkd.data import SPLITS, DeviceSplit, View, data_sha256, dataset_info, loa
 from medkd.errors import MedkdError
 from medkd.runs import (
     CHECKPOINT,
+    EPOCH_CHECKPOINT,
     PREDICTIONS,
     RESULT,
     atomic_path,
     config_hash,
     prepare_run_dir,
+    read_result,
     versions,
     write_json,
 )
 from medkd.students import build_student
-from medkd.train import evaluate_model, resolve_device, train_epochs
+from medkd.train import LoopState, NonFiniteLossError, evaluate_model, resolve_device, train_epochs
+
+# The epoch checkpoint is written after epoch 1 and then at most this often: a ResNet50 with its Adam
+# state is ~300 MB, which on a GPU can take longer than a small dataset's epoch.
+EPOCH_CHECKPOINT_SECONDS = 60.0
 
 
 def run_name(cfg: DistillConfig, dataset: str, size: int, teacher: str | None) -> str:
@@ -60,6 +66,11 @@ def distill(
         raise MedkdError(
             f"--dataset {cfg.dataset} does not match the cache {cfg.cache}, built from {dataset}"
         )
+    if cache and cfg.dataset and cfg.size != size:
+        raise MedkdError(
+            f"--size {cfg.size} does not match the cache {cfg.cache}, built from {dataset} at {size} px; "
+            f"pass --size {size} or a cache of {cfg.size} px"
+        )
     info = dataset_info(dataset)
     task = info["task"]
     arrays = load_arrays(dataset, size, cfg.data_dir, cfg.download)
@@ -73,12 +84,34 @@ def distill(
         )
     teacher = cache.attrs["teacher"] if cache else None
     run_dir = Path(cfg.out) if cfg.out else Path("runs") / run_name(cfg, dataset, size, teacher)
+    config = to_dict(cfg)
+    chash = config_hash(config, cache.fingerprint if cache else None)
+    if cfg.resume and (run_dir / RESULT).exists():
+        done = read_result(run_dir)
+        if done.get("config_hash") == chash:
+            console.print(f"{run_dir} already holds this finished run; nothing to resume", soft_wrap=True)
+            return done
 
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     student_size = cfg.student_size or size
     model = build_student(cfg.student, n_out, student_size, cfg.student_weights).to(device)
+    loop = LoopState.create(model, cfg.lr, cfg.epochs, cfg.milestones, cfg.seed)
+    history, best_auc, best_epoch, best_state, stale = [], None, 0, None, 0
+    checkpoint = _read_epoch_checkpoint(run_dir, chash) if cfg.resume else None
+    if cfg.resume and checkpoint is None:
+        console.print(f"no epoch checkpoint in {run_dir}: starting at epoch 1", soft_wrap=True)
     prepare_run_dir(run_dir, cfg.force)  # last check before work: nothing is written on bad input
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        loop.load_state_dict(checkpoint["loop"])
+        history, best_auc, best_epoch, stale = (
+            checkpoint[k] for k in ("history", "best_auc", "best_epoch", "stale")
+        )
+        # best.pt is written before last.pt in the same epoch: it holds best_epoch's weights, or those of
+        # a later epoch that this run repeats (exactly) and so will write again.
+        best_state = _read_best(run_dir) if best_epoch else None
+        console.print(f"resuming {run_dir} after epoch {loop.epoch} of {cfg.epochs}", soft_wrap=True)
     channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -86,7 +119,6 @@ def distill(
     splits = {s: DeviceSplit(*arrays[s], task, device) for s in SPLITS}
     teacher_logits = cache.logits["train"].to(device) if cache and cfg.alpha < 1.0 else None
 
-    history, best_auc, best_epoch, best_state, stale = [], None, 0, None, 0
     steps_per_epoch = -(-len(splits["train"]) // cfg.batch_size)
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -97,7 +129,9 @@ def distill(
         console=console,
         disable=cfg.quiet,
     ) as progress:
-        bar = progress.add_task("train", total=cfg.epochs * steps_per_epoch, info="")
+        bar = progress.add_task(
+            "train", total=cfg.epochs * steps_per_epoch, completed=loop.epoch * steps_per_epoch, info=""
+        )
         epochs = train_epochs(
             model,
             splits["train"],
@@ -111,27 +145,57 @@ def distill(
             lr=cfg.lr,
             milestones=cfg.milestones,
             seed=cfg.seed,
+            state=loop,
             on_step=lambda *_: progress.advance(bar),
         )
-        for stats in epochs:
-            history.append(vars(stats))
-            progress.update(
-                bar,
-                info=f"epoch {stats.epoch} loss {stats.loss:.4f} val AUC {stats.val_auc:.3f} "
-                f"{stats.images_per_second:.0f} img/s",
-            )
-            if _is_better(stats.val_auc, best_auc):
-                best_auc, best_epoch, stale = stats.val_auc, stats.epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-                with atomic_path(run_dir / CHECKPOINT) as tmp:
-                    torch.save({"model": best_state, "epoch": stats.epoch, "config": to_dict(cfg)}, tmp)
-            else:
-                stale += 1
-            if cfg.patience is not None and stale >= cfg.patience:
-                console.print(
-                    f"early stop after epoch {stats.epoch}: no better val AUC for {cfg.patience} epochs"
+        saved_epoch, saved_at = loop.epoch, time.monotonic()
+        try:
+            for stats in epochs:
+                history.append(vars(stats))
+                line = (
+                    f"epoch {stats.epoch} loss {stats.loss:.4f} val AUC {stats.val_auc:.3f} "
+                    f"{stats.images_per_second:.0f} img/s"
                 )
-                break
+                progress.update(bar, info=line)
+                if not cfg.quiet and not console.is_terminal:
+                    # A log file (nohup, Slurm) never sees a live bar: one line per epoch instead.
+                    console.print(f"{run_dir.name}: {line}", highlight=False)
+                if _is_better(stats.val_auc, best_auc):
+                    best_auc, best_epoch, stale = stats.val_auc, stats.epoch, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                    with atomic_path(run_dir / CHECKPOINT) as tmp:
+                        torch.save({"model": best_state, "epoch": stats.epoch, "config": config}, tmp)
+                else:
+                    stale += 1
+                stopped = cfg.patience is not None and stale >= cfg.patience
+                due = time.monotonic() - saved_at >= EPOCH_CHECKPOINT_SECONDS or saved_epoch == 0
+                if due and stats.epoch < cfg.epochs and not stopped:
+                    checkpoint = {
+                        "model": model.state_dict(),
+                        "loop": loop.state_dict(),
+                        "history": history,
+                        "best_auc": best_auc,
+                        "best_epoch": best_epoch,
+                        "stale": stale,
+                        "config_hash": chash,
+                        "config": config,
+                    }
+                    with atomic_path(run_dir / EPOCH_CHECKPOINT) as tmp:
+                        torch.save(checkpoint, tmp)
+                    saved_epoch, saved_at = stats.epoch, time.monotonic()
+                if stopped:
+                    console.print(
+                        f"early stop after epoch {stats.epoch}: no better val AUC for {cfg.patience} epochs"
+                    )
+                    break
+        except NonFiniteLossError as err:
+            kept = (
+                f"{run_dir / EPOCH_CHECKPOINT} keeps epoch {saved_epoch}, {CHECKPOINT} the best (epoch "
+                f"{best_epoch})"
+                if saved_epoch
+                else "no epoch had finished, so no checkpoint was written"
+            )
+            raise MedkdError(f"{err}; stopped: {kept}") from err
 
     model.load_state_dict(best_state)
     val_metrics, _ = evaluate_model(model, splits["val"], view)
@@ -139,12 +203,11 @@ def distill(
     with atomic_path(run_dir / PREDICTIONS) as tmp, open(tmp, "wb") as f:
         np.savez(f, y_true=arrays["test"][1], y_score=test_scores, task=np.array(task))
     train_seconds = sum(h["seconds"] for h in history)
-    config = to_dict(cfg)
     result = {
         "medkd_result": 1,
         "run_dir": str(run_dir),
         "config": config,
-        "config_hash": config_hash(config),
+        "config_hash": chash,
         "dataset": dataset,
         "size": size,
         "task": task,
@@ -169,6 +232,7 @@ def distill(
         "versions": versions(),
     }
     write_json(run_dir / RESULT, result)
+    (run_dir / EPOCH_CHECKPOINT).unlink(missing_ok=True)  # only an unfinished run needs it
     console.print(
         f"[bold]{run_dir}[/]: best epoch {best_epoch}, val AUC {val_metrics['auc']:.4f} "
         f"ACC {val_metrics['acc']:.4f}; test AUC {test_metrics['auc']:.4f} ACC {test_metrics['acc']:.4f}"
@@ -187,6 +251,34 @@ def _teacher_summary(cache: TeacherCache, path: str | None) -> dict[str, Any]:
         "teacher_input_size": attrs.get("teacher_input_size"),
         "weights_sha256": attrs.get("weights_sha256"),
         "data_sha256": {s: cache.split_attrs[s]["data_sha256"] for s in SPLITS},
+        "fingerprint": cache.fingerprint,
         "test_auc": test["auc"],
         "test_acc": test["acc"],
     }
+
+
+def _read_epoch_checkpoint(run_dir: Path, chash: str) -> dict[str, Any] | None:
+    """The run folder's epoch checkpoint if it has one, checked to come from this very config."""
+    path = run_dir / EPOCH_CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged file; all mean the same here
+        raise MedkdError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}); drop --resume to start over"
+        ) from err
+    if checkpoint.get("config_hash") != chash:
+        raise MedkdError(
+            f"{path} is a checkpoint of another config (hash {checkpoint.get('config_hash')}, this run "
+            f"{chash}); resume with the same options and cache, or drop --resume to start over"
+        )
+    return checkpoint
+
+
+def _read_best(run_dir: Path) -> dict[str, torch.Tensor]:
+    path = run_dir / CHECKPOINT
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["model"]
+    except FileNotFoundError as err:
+        raise MedkdError(f"{path} is missing, so the run cannot resume; drop --resume to start over") from err

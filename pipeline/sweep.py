@@ -3,18 +3,21 @@
 The cache is read once per process and every trial gets the same in-memory copy. Each trial is an
 ordinary `distill` run in its own folder `<sweep out>/<trial name>`; a folder whose `result.json`
 matches the trial's config is skipped, so a killed sweep resumes where it stopped. `run_trial` takes
-and returns plain JSON-able dicts, so other launchers (Ray, Slurm) can call it as it is.
+and returns plain JSON-able dicts; `medkd.launch` runs the same trials as Ray tasks or a Slurm array.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from medkd.config import DistillConfig, config_fields, make_config, to_dict
 from medkd.errors import MedkdError
@@ -22,9 +25,10 @@ from medkd.runs import RESULT, config_hash, read_result, write_json
 
 if TYPE_CHECKING:
     from medkd.cache import TeacherCache
+    from medkd.launch import LaunchConfig
 
 GRID_KEYS = ("alpha", "temperature", "seed", "lr")
-ERROR = "error.json"  # written into a trial's folder when its run fails after the folder was made
+ERROR = "error.json"  # written into a trial's folder when its run fails
 
 
 def _as_tuple(key: str, value: Any, kind: type) -> tuple:
@@ -116,7 +120,9 @@ class SweepConfig:
     def shared(self) -> dict[str, Any]:
         """The distill options every trial has in common (everything but the grid and `out`)."""
         skip = {*GRID_KEYS, "pairs", "out"}
-        return {k: getattr(self, k) for k in config_fields(DistillConfig) if k not in skip}
+        # A distill option a sweep does not set (e.g. `resume`) keeps distill's default.
+        keys = [k for k in config_fields(DistillConfig) if k not in skip and hasattr(self, k)]
+        return {k: getattr(self, k) for k in keys}
 
     def grid(self) -> list[dict[str, Any]]:
         """The grid points in order: `{"alpha", "temperature", "seed", "lr"}` per trial."""
@@ -198,14 +204,36 @@ def finished_result(config: dict[str, Any]) -> dict[str, Any] | None:
         stored = result.get("config_hash") if isinstance(result, dict) else None
     except MedkdError as err:
         stored, result = f"unreadable ({err})", None
-    if stored == config_hash(to_dict(cfg)):
+    from medkd.cache import cache_fingerprint
+
+    expected = config_hash(to_dict(cfg), cache_fingerprint(cfg.cache) if cfg.cache else None)
+    if stored == expected:
         return result
     if cfg.force:
         return None
     raise MedkdError(
         f"{run_dir / RESULT} holds a run of another config (hash {stored}, this trial "
-        f"{config_hash(to_dict(cfg))}); pass --force to retrain it, or --out elsewhere"
+        f"{expected}); pass --force to retrain it, or --out elsewhere"
     )
+
+
+def write_error(config: dict[str, Any], err: BaseException) -> None:
+    """Record a trial's failure as `error.json` in its folder (made if need be); `medkd report` lists it."""
+    import traceback
+
+    run_dir = Path(config["out"])
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(
+            run_dir / ERROR,
+            {
+                "error": f"{type(err).__name__}: {err}",
+                "config": config,
+                "traceback": "".join(traceback.format_exception(err)),
+            },
+        )
+    except OSError:  # an unwritable folder: the caller still has the original error to report
+        pass
 
 
 def run_trial(
@@ -214,7 +242,7 @@ def run_trial(
     """Run one trial (a DistillConfig as a dict) unless its folder already holds its result; return it.
 
     `cache` is a `TeacherCache` already in memory (else `distill` reads `config["cache"]`). A run that
-    fails after making its folder leaves `error.json` there, which `medkd report` lists.
+    fails leaves `error.json` in its folder, which `medkd report` lists, and raises.
     """
     from medkd.distill import distill
 
@@ -227,47 +255,134 @@ def run_trial(
     try:
         return distill(cfg, console=console, cache=cache)
     except Exception as err:
-        if run_dir.is_dir():
-            write_json(run_dir / ERROR, {"error": f"{type(err).__name__}: {err}", "config": to_dict(cfg)})
+        write_error(to_dict(cfg), err)
         raise
 
 
-def run_sweep(sweep: SweepConfig, console: Console | None = None) -> list[dict[str, Any]]:
-    """Run every trial of `sweep` here, one after another, skipping finished ones; return their results.
+def trial_status(config: dict[str, Any]) -> tuple[str, str]:
+    """("finished", metrics) or ("failed", reason) of a trial that was run, read from its folder.
 
-    The cache is read once, and only if a trial needs training. Results are read back from disk.
+    The sweep refused foreign results before it started, so a result.json here is this trial's.
+    """
+    run_dir = Path(config["out"])
+    try:
+        result = read_result(run_dir)
+    except MedkdError:
+        result = None
+    if isinstance(result, dict) and "test" in result:
+        return "finished", (
+            f"val AUC {result['val']['auc']:.4f}, test AUC {result['test']['auc']:.4f} "
+            f"ACC {result['test']['acc']:.4f}"
+        )
+    try:
+        return "failed", str(json.loads((run_dir / ERROR).read_text())["error"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "failed", "no result.json: the trial did not finish"
+
+
+def run_sweep(
+    sweep: SweepConfig, console: Console | None = None, launch: LaunchConfig | None = None
+) -> list[dict[str, Any]]:
+    """Run every unfinished trial of `sweep`, here one after another or on `launch`'s engine; return results.
+
+    Locally the cache is read once, and only if a trial needs training; Ray and Slurm tasks open it
+    themselves. A failed trial leaves error.json and the others go on; the sweep then fails with one line
+    naming them, and rerunning it runs only those. Results are read back from disk.
     """
     from medkd.cache import MAKE_ONE
+    from medkd.launch import LaunchConfig, check_launcher, launch_trials
 
     console = console or Console(stderr=True)
+    launch = launch or LaunchConfig()
+    check_launcher(launch)
     trials, out = expand(sweep), sweep.out_path()
     if sweep.cache is not None and not Path(sweep.cache).is_file():  # before anything is written
         raise MedkdError(f"teacher cache {sweep.cache} not found; {MAKE_ONE}")
     finished = [finished_result(config) is not None for config in trials]  # refuses a clash before any work
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "sweep.json", {"sweep": to_dict(sweep), "trials": [Path(t["out"]).name for t in trials]})
-    # With --quiet, distill's own progress bar and summary are silenced; the status line below remains.
-    trial_console = Console(stderr=True, quiet=True) if sweep.quiet else console
-    cache, width, ran = None, len(str(len(trials))), 0
+    width, todo = len(str(len(trials))), []
     for i, config in enumerate(trials, 1):
-        name, start = Path(config["out"]).name, time.perf_counter()
-        prefix = f"[{i:>{width}}/{len(trials)}] {name}"
         if finished[i - 1]:
             result = read_result(config["out"])
             console.print(
-                f"{prefix} skipped (finished): test AUC {result['test']['auc']:.4f}", soft_wrap=True
+                f"[{i:>{width}}/{len(trials)}] {Path(config['out']).name} skipped (finished): "
+                f"test AUC {result['test']['auc']:.4f}",
+                soft_wrap=True,
             )
-            continue
+        else:
+            todo.append(config)
+
+    number = {t["out"]: i for i, t in enumerate(trials, 1)}
+
+    def show(config: dict[str, Any], seconds: float) -> None:
+        status, text = trial_status(config)
+        prefix = f"[{number[config['out']]:>{width}}/{len(trials)}] {escape(Path(config['out']).name)}"
+        verb = f"ran in {seconds:.0f} s" if status == "finished" else "[red]failed[/]"
+        console.print(f"{prefix} {verb}: {escape(text)}", soft_wrap=True)
+
+    if launch.launcher == "local":
+        _run_here(sweep, launch, todo, console, show)
+    elif todo:
+        console.print(f"sweep {out}: {len(todo)} trial(s) to run on {launch.launcher}", soft_wrap=True)
+        launch_trials(todo, launch, sweep.cache, out, lambda config: show(config, _wall_seconds(config)))
+    failed = [
+        (Path(t["out"]).name, reason)
+        for t in todo
+        for status, reason in [trial_status(t)]
+        if status != "finished"
+    ]
+    console.print(
+        f"sweep {out}: {len(todo) - len(failed)} trial(s) ran, {len(trials) - len(todo)} skipped"
+        + (f", {len(failed)} failed" if failed else ""),
+        soft_wrap=True,
+    )
+    if failed:
+        names = ", ".join(name for name, _ in failed[:5]) + (", …" if len(failed) > 5 else "")
+        raise MedkdError(
+            f"{len(failed)} of {len(trials)} trials failed ({names}; {failed[0][0]}: {failed[0][1]}); each "
+            f"left error.json, `medkd report {out}` lists them, and rerunning the sweep retries only them"
+        )
+    return [read_result(t["out"]) for t in trials]
+
+
+def _run_here(
+    sweep: SweepConfig,
+    launch: LaunchConfig,
+    todo: list[dict[str, Any]],
+    console: Console,
+    show: Callable[[dict[str, Any], float], None],
+) -> None:
+    """The local launcher: the trials one after another in this process, sharing one in-memory cache."""
+    from medkd.launch import TRIAL, file_sha256, provenance, stage_cache
+
+    # With --quiet, distill's own progress bar and summary are silenced; the status line remains.
+    trial_console = Console(stderr=True, quiet=True) if sweep.quiet else console
+    cache = None
+    for config in todo:
+        started, start = time.time(), time.perf_counter()
         if cache is None and sweep.cache is not None:
             from medkd.cache import TeacherCache
 
-            cache = TeacherCache(sweep.cache)
-        result = run_trial(config, cache=cache, console=trial_console)
-        ran += 1
-        console.print(
-            f"{prefix} ran in {time.perf_counter() - start:.0f} s: val AUC {result['val']['auc']:.4f}, "
-            f"test AUC {result['test']['auc']:.4f} ACC {result['test']['acc']:.4f}",
-            soft_wrap=True,
-        )
-    console.print(f"sweep {out}: {ran} trial(s) ran, {len(trials) - ran} skipped", soft_wrap=True)
-    return [read_result(t["out"]) for t in trials]
+            path = sweep.cache
+            if launch.stage_cache:
+                path = stage_cache(path, launch.stage_cache, file_sha256(path))
+            cache = TeacherCache(path)
+        try:
+            run_trial(config, cache=cache, console=trial_console)
+        except Exception:  # already in the trial's error.json, and shown below: the other trials go on
+            pass
+        else:
+            write_json(Path(config["out"]) / TRIAL, provenance("local", started))
+        show(config, time.perf_counter() - start)
+
+
+def _wall_seconds(config: dict[str, Any]) -> float:
+    """How long an engine's trial ran, from its trial.json (0 when it has none, e.g. it failed)."""
+    from medkd.launch import TRIAL
+
+    try:
+        times = json.loads((Path(config["out"]) / TRIAL).read_text())
+        return float(times["finished"]) - float(times["started"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -71,6 +70,52 @@ class EpochStats:
     images_per_second: float
 
 
+class NonFiniteLossError(MedkdError):
+    """The training loss became NaN or inf; `epoch` and `step` (1-based) say where it first happened."""
+
+    def __init__(self, value: float, epoch: int, step: int, steps: int):
+        super().__init__(
+            f"training loss became {value} at epoch {epoch}, step {step} of {steps}; lower --lr or check "
+            f"the cache logits"
+        )
+        self.value, self.epoch, self.step, self.steps = value, epoch, step, steps
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from one epoch to the next; its `state_dict` lets `--resume` continue exactly."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    generator: torch.Generator  # CPU generator of the shuffling order: the same order on every device
+    epoch: int = 0  # epochs finished
+
+    @classmethod
+    def create(
+        cls, model: nn.Module, lr: float, epochs: int, milestones: tuple[int, ...] | None, seed: int
+    ) -> LoopState:
+        """Adam at `lr`, ×0.1 at the milestones, a generator seeded with `seed`, no epoch done."""
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, lr_milestones(epochs, milestones), gamma=0.1
+        )
+        return cls(optimizer, scheduler, torch.Generator().manual_seed(seed))
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.epoch = state["epoch"]
+
+
 def train_epochs(
     model: nn.Module,
     train: DeviceSplit,
@@ -85,23 +130,29 @@ def train_epochs(
     lr: float,
     milestones: tuple[int, ...] | None = None,
     seed: int = 0,
+    state: LoopState | None = None,
     on_step=None,
 ) -> Iterator[EpochStats]:
     """Adam + MultiStepLR (×0.1) on `alpha·hard + (1−alpha)·T²·KL`, yielding stats after each epoch.
 
     `teacher_logits` (N_train, C) are looked up by each batch's dataset index, never by position.
+    `state` (from `LoopState.create`, possibly loaded from a checkpoint) continues after `state.epoch`;
+    it is updated before each yield, so the caller can checkpoint it there. A NaN or inf loss raises
+    `NonFiniteLossError` at the end of its epoch, before anything of that epoch is yielded.
     """
     if teacher_logits is not None and len(teacher_logits) != len(train):
         raise MedkdError(f"{len(teacher_logits)} teacher logits for {len(train)} training images")
     multilabel = is_multilabel(train.task)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, lr_milestones(epochs, milestones), gamma=0.1)
-    generator = torch.Generator().manual_seed(seed)  # CPU generator: the same order on every device
-    for epoch in range(1, epochs + 1):
+    if state is None:
+        state = LoopState.create(model, lr, epochs, milestones, seed)
+    optimizer, scheduler = state.optimizer, state.scheduler
+    for epoch in range(state.epoch + 1, epochs + 1):
         model.train()
-        start, total_loss, seen = time.perf_counter(), torch.zeros((), device=train.device), 0
+        start, step_losses = time.perf_counter(), []
         current_lr = optimizer.param_groups[0]["lr"]
-        for step, batch in enumerate(train.batches(batch_size, view, shuffle=True, generator=generator)):
+        for step, batch in enumerate(
+            train.batches(batch_size, view, shuffle=True, generator=state.generator)
+        ):
             teacher = teacher_logits[batch.index] if teacher_logits is not None else None  # (B, C)
             with autocast(train.device):
                 logits = model(batch.images)  # (B, C)
@@ -109,19 +160,21 @@ def train_epochs(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            # Summed on the device: a .item() per step would sync the GPU every step.
-            total_loss += loss.detach() * len(batch.index)
-            seen += len(batch.index)
+            # Kept on the device: a .item() per step would sync the GPU every step.
+            step_losses.append(loss.detach() * len(batch.index))
             if on_step is not None:
                 on_step(epoch, step, len(batch.index))
+        losses = torch.stack(step_losses)  # (steps,) summed loss of each batch
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            first = int(bad[0, 0])
+            raise NonFiniteLossError(losses[first].item(), epoch, first + 1, len(losses))
         scheduler.step()
-        mean_loss = total_loss.item() / seen
-        if not math.isfinite(mean_loss):
-            raise MedkdError(
-                f"training loss became {mean_loss} in epoch {epoch}; lower --lr or check the cache logits"
-            )
+        seen = len(train)
+        mean_loss = losses.sum().item() / seen
         seconds = time.perf_counter() - start
         metrics, _ = evaluate_model(model, val, view)
+        state.epoch = epoch
         yield EpochStats(
             epoch, mean_loss, current_lr, metrics["auc"], metrics["acc"], seconds, seen / seconds
         )
