@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ import h5py
 import numpy as np
 import torch
 
-from medkd.data import SPLITS, data_sha256
+from medkd import __version__
+from medkd.data import SPLITS, data_sha256, num_outputs
 from medkd.errors import MedkdError
 from medkd.metrics import evaluate, scores_from_logits
 
@@ -90,6 +92,36 @@ def _write_split(group: h5py.Group, arrays: dict[str, np.ndarray]) -> None:
         if name not in DTYPES:
             raise ValueError(f"unknown split dataset '{name}'; valid: {', '.join(DTYPES)}")
         group.create_dataset(name, data=np.asarray(array, dtype=DTYPES[name]))
+
+
+def dataset_attrs(dataset: str, size: int, task: str, label_names: dict[str, str]) -> dict[str, Any]:
+    """The root attrs every cache carries whatever its teacher: versions, creation time and the dataset."""
+    return {
+        "medkd_version": __version__,
+        "torch_version": torch.__version__,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dataset": dataset,
+        "image_size": size,
+        "task": task,
+        "n_classes": num_outputs(task, len(label_names)),
+        "label_names": label_names,
+    }
+
+
+def data_split_attrs(arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, dict[str, Any]]:
+    """Each split's `n` and `data_sha256`, which tie a cache to its data; one hash per split, reused."""
+    return {s: {"n": len(arrays[s][0]), "data_sha256": data_sha256(*arrays[s])} for s in SPLITS}
+
+
+def split_datasets(
+    logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], features: dict[str, np.ndarray] | None
+) -> dict[str, dict[str, np.ndarray]]:
+    """The `splits` argument of `write_cache`: logits and labels per split, features unless None."""
+    splits = {split: {"logits": logits[split], "labels": labels[split]} for split in SPLITS}
+    if features is not None:
+        for split in SPLITS:
+            splits[split]["features"] = features[split]
+    return splits
 
 
 def write_cache(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from medkd import __version__
-from medkd.cache import TeacherCache, write_cache
+from medkd.cache import HEAD_ATTRS, TeacherCache, data_split_attrs, dataset_attrs, split_datasets, write_cache
 from medkd.config import CacheTeacherConfig, to_dict
-from medkd.data import SPLITS, DeviceSplit, data_sha256, dataset_info, load_arrays, num_outputs
+from medkd.data import SPLITS, DeviceSplit, dataset_info, load_arrays
 from medkd.errors import MedkdError
 from medkd.head import train_head
 from medkd.teachers import build_teacher, extract_features
@@ -69,7 +67,9 @@ def partial_features_path(out: Path) -> Path:
     return out.parent / f".{out.name}.features.partial"
 
 
-def _feature_key(cfg: CacheTeacherConfig, teacher: Any, arrays: dict, device: torch.device) -> str:
+def _feature_key(
+    cfg: CacheTeacherConfig, teacher: Any, split_attrs: dict[str, dict[str, Any]], device: torch.device
+) -> str:
     # Everything the features depend on: a partial file with another key is not resumed but redone.
     # The seed counts because it sets a random-init teacher's weights; the device type because bf16
     # autocast on CUDA gives other bits than the CPU's float32; the batch size because chunks are whole
@@ -86,7 +86,7 @@ def _feature_key(cfg: CacheTeacherConfig, teacher: Any, arrays: dict, device: to
             "seed": cfg.seed,
             "feature_batch_size": cfg.feature_batch_size,
             "device": device.type,
-            "data_sha256": {split: data_sha256(*arrays[split]) for split in SPLITS},
+            "data_sha256": {split: split_attrs[split]["data_sha256"] for split in SPLITS},
         },
         sort_keys=True,
     )
@@ -125,6 +125,7 @@ def extract_features_resumable(
     cfg: CacheTeacherConfig,
     partial: Path,
     console: Console,
+    split_attrs: dict[str, dict[str, Any]],
 ) -> dict[str, torch.Tensor]:
     """Features (N, D) float32 on the CPU per split, written to `partial` one chunk at a time.
 
@@ -135,7 +136,7 @@ def extract_features_resumable(
     total = sum(len(arrays[split][0]) for split in SPLITS)
     features = {}
     with (
-        _open_partial(partial, _feature_key(cfg, teacher, arrays, device), console) as f,
+        _open_partial(partial, _feature_key(cfg, teacher, split_attrs, device), console) as f,
         Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -184,11 +185,14 @@ def cache_teacher(cfg: CacheTeacherConfig, console: Console | None = None) -> Pa
     info = dataset_info(cfg.dataset)
     task, label_names = info["task"], info["label"]
     arrays = load_arrays(cfg.dataset, cfg.size, cfg.data_dir, cfg.download)
+    split_attrs = data_split_attrs(arrays)  # hashed once: the partial file's key and the cache's attrs
     teacher = build_teacher(cfg.teacher, cfg.weights, cfg.teacher_size, cfg.pool)
 
     start = time.perf_counter()
     partial = partial_features_path(out)
-    features = extract_features_resumable(teacher, arrays, task, device, cfg, partial, console)  # (N, D)
+    features = extract_features_resumable(  # (N, D)
+        teacher, arrays, task, device, cfg, partial, console, split_attrs
+    )
     labels = {split: arrays[split][1] for split in SPLITS}
     targets = {split: DeviceSplit(*arrays[split], task, "cpu").targets for split in SPLITS}
     feature_seconds = time.perf_counter() - start
@@ -212,13 +216,7 @@ def cache_teacher(cfg: CacheTeacherConfig, console: Console | None = None) -> Pa
         logits = {split: head(features[split]).float().numpy() for split in SPLITS}  # (N, C) float32
 
     attrs = {
-        "medkd_version": __version__,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "dataset": cfg.dataset,
-        "image_size": cfg.size,
-        "task": task,
-        "n_classes": num_outputs(task, len(label_names)),
-        "label_names": label_names,
+        **dataset_attrs(cfg.dataset, cfg.size, task, label_names),
         "teacher": cfg.teacher,
         "backbone": teacher.backbone_id,
         "weights_sha256": teacher.weights_sha256,
@@ -226,7 +224,6 @@ def cache_teacher(cfg: CacheTeacherConfig, console: Console | None = None) -> Pa
         "resize": "bicubic",
         "mean": list(teacher.mean),
         "std": list(teacher.std),
-        "torch_version": torch.__version__,
         "pool": teacher.pool,
         "random_init": teacher.is_random_init,
         "feature_seconds": feature_seconds,
@@ -234,29 +231,12 @@ def cache_teacher(cfg: CacheTeacherConfig, console: Console | None = None) -> Pa
         "images_per_second": n_images / max(feature_seconds, 1e-9),
         "config": to_dict(cfg),
     }
-    splits = {split: {"logits": logits[split], "labels": labels[split]} for split in SPLITS}
-    if cfg.features:
-        for split in SPLITS:
-            splits[split]["features"] = features[split].numpy()
-    split_attrs = {
-        split: {"n": len(arrays[split][0]), "data_sha256": data_sha256(*arrays[split])} for split in SPLITS
-    }
+    kept = {split: features[split].numpy() for split in SPLITS} if cfg.features else None
+    splits = split_datasets(logits, labels, kept)
     head_record = {
         "weight": head.weight.detach().cpu().numpy(),
         "bias": head.bias.detach().cpu().numpy(),
-        **{
-            k: head_info[k]
-            for k in (
-                "epochs",
-                "best_epoch",
-                "val_auc",
-                "val_acc",
-                "test_auc",
-                "test_acc",
-                "lr",
-                "batch_size",
-            )
-        },
+        **{k: head_info[k] for k in HEAD_ATTRS},
     }
     write_cache(out, attrs=attrs, splits=splits, split_attrs=split_attrs, head=head_record)
     partial.unlink(missing_ok=True)  # the cache is complete: a rerun has nothing to resume

@@ -75,7 +75,10 @@ def distill(
     task = info["task"]
     arrays = load_arrays(dataset, size, cfg.data_dir, cfg.download)
     if cache:
-        cache.check_data(dataset, size, arrays)
+        cache.check_data(dataset, size, arrays)  # hashes every split: the cache's hashes are now the data's
+        data_shas = {s: cache.split_attrs[s]["data_sha256"] for s in SPLITS}
+    else:
+        data_shas = {s: data_sha256(*arrays[s]) for s in SPLITS}
     n_out = num_outputs(task, len(info["label"]))
     if cache and cache.logits["train"].shape[1] != n_out:
         raise MedkdError(
@@ -220,7 +223,7 @@ def distill(
         "seed": cfg.seed,
         "baseline": teacher_logits is None,
         "teacher": _teacher_summary(cache, cfg.cache) if cache else None,
-        "data_sha256": {s: data_sha256(*arrays[s]) for s in SPLITS},
+        "data_sha256": data_shas,
         "history": history,
         "epochs_run": len(history),
         "best_epoch": best_epoch,

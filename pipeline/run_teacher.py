@@ -12,7 +12,6 @@ import copy
 import hashlib
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,9 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from medkd import __version__
-from medkd.cache import write_cache
+from medkd.cache import data_split_attrs, dataset_attrs, split_datasets, write_cache
 from medkd.config import RUN_PREFIX, CacheTeacherConfig, run_teacher_paths, to_dict
-from medkd.data import SPLITS, DeviceSplit, View, data_sha256, dataset_info, load_arrays, num_outputs
+from medkd.data import SPLITS, DeviceSplit, View, dataset_info, load_arrays, num_outputs
 from medkd.errors import MedkdError
 from medkd.metrics import evaluate, scores_from_logits
 from medkd.runs import CHECKPOINT, OUTPUT_KEYS, RESULT, read_result
@@ -174,7 +172,9 @@ def ensemble_logits(logits: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(logits).mean(dim=0)
 
 
-def _check_members(members: list[RunTeacher], cfg: CacheTeacherConfig, arrays: dict[str, Any]) -> None:
+def _check_members(
+    members: list[RunTeacher], cfg: CacheTeacherConfig, split_attrs: dict[str, dict[str, Any]]
+) -> None:
     for m in members:
         r = m.result
         if r["dataset"] != cfg.dataset or int(r["size"]) != int(cfg.size):
@@ -185,7 +185,7 @@ def _check_members(members: list[RunTeacher], cfg: CacheTeacherConfig, arrays: d
             )
         for split in SPLITS:
             recorded = (r.get("data_sha256") or {}).get(split)
-            sha = data_sha256(*arrays[split])
+            sha = split_attrs[split]["data_sha256"]
             if recorded is not None and recorded != sha:
                 raise MedkdError(
                     f"teacher run {m.path} was trained on other {cfg.dataset} data ({split} sha256 "
@@ -216,7 +216,8 @@ def cache_run_teacher(cfg: CacheTeacherConfig, console: Console | None = None) -
     info = dataset_info(cfg.dataset)
     task, label_names = info["task"], info["label"]
     arrays = load_arrays(cfg.dataset, cfg.size, cfg.data_dir, cfg.download)
-    _check_members(members, cfg, arrays)
+    split_attrs = data_split_attrs(arrays)  # hashed once: the members' check and the cache's attrs
+    _check_members(members, cfg, split_attrs)
     if members[0].result["n_outputs"] != num_outputs(task, len(label_names)):
         raise MedkdError(
             f"teacher runs have {members[0].result['n_outputs']} outputs; {cfg.dataset} needs "
@@ -241,13 +242,7 @@ def cache_run_teacher(cfg: CacheTeacherConfig, console: Console | None = None) -
     provenance = [m.provenance() for m in members]
     runs = [m.result for m in members]
     attrs = {
-        "medkd_version": __version__,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "dataset": cfg.dataset,
-        "image_size": cfg.size,
-        "task": task,
-        "n_classes": num_outputs(task, len(label_names)),
-        "label_names": label_names,
+        **dataset_attrs(cfg.dataset, cfg.size, task, label_names),
         "teacher": teacher_label(cfg.teacher),
         "backbone": _joined([r["student"] for r in runs]),
         "weights_sha256": _ensemble_sha([m.checkpoint_sha256 for m in members]),
@@ -255,7 +250,6 @@ def cache_run_teacher(cfg: CacheTeacherConfig, console: Console | None = None) -
         "resize": _joined([m.view.interpolation for m in members]),
         "mean": list(members[0].view.mean),
         "std": list(members[0].view.std),
-        "torch_version": torch.__version__,
         "pool": "avgpool",  # the ResNet's global average pool, the input of its classifier
         "random_init": False,
         "feature_seconds": seconds,
@@ -264,13 +258,7 @@ def cache_run_teacher(cfg: CacheTeacherConfig, console: Console | None = None) -
         "ensemble": {"combine": COMBINE, "members": provenance},
         "config": to_dict(cfg),
     }
-    splits = {split: {"logits": logits[split], "labels": labels[split]} for split in SPLITS}
-    if cfg.features:
-        for split in SPLITS:
-            splits[split]["features"] = features[split]
-    split_attrs = {
-        split: {"n": len(arrays[split][0]), "data_sha256": data_sha256(*arrays[split])} for split in SPLITS
-    }
+    splits = split_datasets(logits, labels, features if cfg.features else None)
     write_cache(out, attrs=attrs, splits=splits, split_attrs=split_attrs, head=_head(members, metrics))
     console.print(
         f"[bold]{attrs['teacher']}[/] ({len(members)} run(s), {COMBINE}) on {cfg.dataset} ({cfg.size} px): "
