@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from medkd.config import CacheTeacherConfig
 from medkd.data import make_synthetic_like
 
 # The genuine MedMNIST v2 files (breastmnist, pneumoniamnist at 28 px), outside the project.
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
 
-# One flag per MedMNIST task type; pathmnist is RGB, the others grayscale.
+# One flag per MedMNIST task type; pathmnist and retinamnist are RGB, the others grayscale.
 TASK_FLAGS = {
     "binary-class": "breastmnist",
     "multi-class": "pathmnist",
@@ -28,6 +29,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "realdata" in item.keywords and not (REAL_DATA / "breastmnist.npz").is_file():
             item.add_marker(skip)
+
+
+def tiny_cache_config(root: Path, out: Path, **kwargs) -> CacheTeacherConfig:
+    """Stage one as the tests run it: the tiny random teacher at 28 px on breastmnist, 3 head epochs."""
+    values = dict(
+        dataset="breastmnist",
+        teacher="tiny",
+        teacher_size=28,
+        epochs=3,
+        data_dir=str(root),
+        out=str(out),
+        quiet=True,
+    )
+    return CacheTeacherConfig(**{**values, **kwargs})
 
 
 @pytest.fixture

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import tiny_cache_config
 
 import medkd.cache_teacher
 from medkd import __version__
 from medkd.cache import ROOT_ATTRS, TeacherCache
 from medkd.cache_teacher import cache_teacher, inspect_cache
 from medkd.cli import main
-from medkd.config import CacheTeacherConfig, to_dict
+from medkd.config import to_dict
 from medkd.data import SPLITS, data_sha256, load_arrays
 from medkd.errors import MedkdError
 
@@ -21,17 +22,7 @@ EXTRA_ATTRS = ("pool", "random_init", "feature_seconds", "head_seconds", "images
 
 
 def quick_config(root, out, **kwargs):
-    values = dict(
-        dataset="breastmnist",
-        teacher="tiny",
-        teacher_size=28,
-        epochs=3,
-        data_dir=str(root),
-        out=str(out),
-        device="cpu",
-        quiet=True,
-    )
-    return CacheTeacherConfig(**{**values, **kwargs})
+    return tiny_cache_config(root, out, **{"device": "cpu", **kwargs})
 
 
 @pytest.fixture(scope="module")

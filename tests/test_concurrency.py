@@ -17,9 +17,9 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
+from conftest import tiny_cache_config
 
 from medkd.cache_teacher import cache_teacher
-from medkd.config import CacheTeacherConfig
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -29,16 +29,8 @@ def cache(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = CacheTeacherConfig(
-            dataset="breastmnist",
-            teacher="tiny",
-            teacher_size=28,
-            epochs=2,
-            data_dir=str(synthetic_root),
-            out=str(tmp_path_factory.mktemp("cache") / "bm.h5"),
-            device="cpu",
-            quiet=True,
-        )
+        out = tmp_path_factory.mktemp("cache") / "bm.h5"
+        cfg = tiny_cache_config(synthetic_root, out, epochs=2, device="cpu")
         return cache_teacher(cfg)
     finally:
         torch.set_num_threads(threads)

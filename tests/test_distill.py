@@ -9,11 +9,11 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TASK_FLAGS
+from conftest import TASK_FLAGS, tiny_cache_config
 
 from medkd.cache_teacher import cache_teacher
 from medkd.cli import main
-from medkd.config import CacheTeacherConfig, DistillConfig
+from medkd.config import DistillConfig
 from medkd.data import make_synthetic_like
 from medkd.distill import distill
 from medkd.errors import MedkdError
@@ -21,10 +21,7 @@ from medkd.metrics import evaluate
 
 
 def make_cache(root: Path, flag: str, out: Path) -> Path:
-    cfg = CacheTeacherConfig(
-        dataset=flag, data_dir=str(root), teacher="tiny", teacher_size=28, epochs=3, out=str(out), quiet=True
-    )
-    return cache_teacher(cfg)
+    return cache_teacher(tiny_cache_config(root, out, dataset=flag))
 
 
 @pytest.fixture(scope="module")

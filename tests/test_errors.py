@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import tiny_cache_config
 
 import medkd.train
 from medkd.cache_teacher import cache_teacher
 from medkd.cli import main
-from medkd.config import CacheTeacherConfig
 from medkd.data import make_synthetic_like
 from medkd.runs import EPOCH_CHECKPOINT
 
@@ -40,18 +40,7 @@ def scene(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     data = root / "data"
     data.mkdir()
     shutil.copy(synthetic_root / "breastmnist.npz", data)
-    cache = cache_teacher(
-        CacheTeacherConfig(
-            dataset="breastmnist",
-            teacher="tiny",
-            teacher_size=28,
-            epochs=2,
-            data_dir=str(data),
-            out=str(root / "good.h5"),
-            device="cpu",
-            quiet=True,
-        )
-    )
+    cache = cache_teacher(tiny_cache_config(data, root / "good.h5", epochs=2, device="cpu"))
     (root / "empty").mkdir()
     (root / "garbage").mkdir()
     (root / "garbage" / "breastmnist.npz").write_bytes(b"this is not a zip file")

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import tiny_cache_config
 
 from medkd.cache_teacher import cache_teacher
 from medkd.cli import main
-from medkd.config import CacheTeacherConfig
 from medkd.errors import MedkdError
 from medkd.launch import TRIAL, LaunchConfig, file_sha256, run_trials, stage_cache
 from medkd.report import collect_runs
@@ -41,11 +41,8 @@ GRID = ["--alpha", "0.2,0.5,0.8", "--temperature", "1,2,4"]
 @pytest.fixture(scope="module")
 def cache(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny-teacher cache (28 px teacher input) of the synthetic breastmnist."""
-    cfg = CacheTeacherConfig(
-        dataset="breastmnist", data_dir=str(synthetic_root), teacher="tiny", teacher_size=28, epochs=2,
-        out=str(tmp_path_factory.mktemp("launchcache") / "breastmnist_28_tiny.h5"), quiet=True,
-    )  # fmt: skip
-    return cache_teacher(cfg)
+    out = tmp_path_factory.mktemp("launchcache") / "breastmnist_28_tiny.h5"
+    return cache_teacher(tiny_cache_config(synthetic_root, out, epochs=2))
 
 
 def sweep_args(cache: Path, root: Path, out: Path, *extra: str) -> list[str]:

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import tiny_cache_config
 
 from medkd.cache_teacher import cache_teacher
 from medkd.cli import main
-from medkd.config import CacheTeacherConfig
 from medkd.data import make_synthetic_like
 from medkd.report import collect_runs, summarise
 from medkd.sweep import SweepConfig, run_sweep
@@ -28,12 +28,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished sweep with two seeds per config: three KD configs and the baseline."""
     root = tmp_path_factory.mktemp("reportdata")
     make_synthetic_like(root, "breastmnist", n_train=64, n_val=32, n_test=32, seed=5)
-    cache = cache_teacher(
-        CacheTeacherConfig(
-            dataset="breastmnist", data_dir=str(root), teacher="tiny", teacher_size=28, epochs=3,
-            out=str(root / "c.h5"), quiet=True,
-        )
-    )  # fmt: skip
+    cache = cache_teacher(tiny_cache_config(root, root / "c.h5"))
     out = tmp_path_factory.mktemp("runs") / "sweep"
     sweep = SweepConfig(
         cache=str(cache), pairs=PAIRS, seed=(0, 1), data_dir=str(root), out=str(out), student="resnet18",

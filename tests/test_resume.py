@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import tiny_cache_config
 
 import medkd.cache_teacher
 from medkd.cache import TeacherCache, cache_fingerprint
@@ -41,18 +42,7 @@ def one_thread():
 
 
 def cache_config(root: Path, out: Path, **kwargs) -> CacheTeacherConfig:
-    values = dict(
-        dataset="breastmnist",
-        teacher="tiny",
-        teacher_size=28,
-        epochs=2,
-        feature_batch_size=16,
-        data_dir=str(root),
-        out=str(out),
-        device="cpu",
-        quiet=True,
-    )
-    return CacheTeacherConfig(**{**values, **kwargs})
+    return tiny_cache_config(root, out, **{"epochs": 2, "feature_batch_size": 16, "device": "cpu", **kwargs})
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import tiny_cache_config
 
 import medkd.cache
 import medkd.distill
 from medkd.cache_teacher import cache_teacher
 from medkd.cli import main
-from medkd.config import CacheTeacherConfig, read_toml, section_values
+from medkd.config import read_toml, section_values
 from medkd.data import make_synthetic_like
 from medkd.errors import MedkdError
 from medkd.report import collect_runs
@@ -29,11 +30,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(data folder, cache) for a tiny synthetic breastmnist and its tiny-teacher cache."""
     root = tmp_path_factory.mktemp("sweepdata")
     make_synthetic_like(root, "breastmnist", n_train=64, n_val=32, n_test=32, seed=3)
-    cfg = CacheTeacherConfig(
-        dataset="breastmnist", data_dir=str(root), teacher="tiny", teacher_size=28, epochs=3,
-        out=str(root / "breastmnist_28_tiny.h5"), quiet=True,
-    )  # fmt: skip
-    return root, cache_teacher(cfg)
+    return root, cache_teacher(tiny_cache_config(root, root / "breastmnist_28_tiny.h5"))
 
 
 @pytest.fixture
