@@ -9,7 +9,6 @@ locking off. The sweep then reads what happened from the run folders, never from
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import math
 import os
@@ -21,6 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from medkd.data import file_sha256
 from medkd.errors import MedkdError
 from medkd.runs import RESULT, atomic_path, write_json
 
@@ -110,15 +110,6 @@ def check_launcher(launch: LaunchConfig) -> None:
         raise MedkdError(
             "--launcher slurm needs sbatch, which is not on PATH: run the sweep on a Slurm login node"
         )
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes, read in 16 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def stage_cache(source: str | os.PathLike, stage_dir: str | os.PathLike, sha256: str) -> Path:

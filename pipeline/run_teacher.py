@@ -21,7 +21,7 @@ from torch import nn
 
 from medkd.cache import data_split_attrs, dataset_attrs, split_datasets, write_cache
 from medkd.config import RUN_PREFIX, CacheTeacherConfig, run_teacher_paths, to_dict
-from medkd.data import SPLITS, DeviceSplit, View, dataset_info, load_arrays, num_outputs
+from medkd.data import SPLITS, DeviceSplit, View, dataset_info, file_sha256, load_arrays, num_outputs
 from medkd.errors import MedkdError
 from medkd.metrics import evaluate, scores_from_logits
 from medkd.runs import CHECKPOINT, OUTPUT_KEYS, RESULT, read_result
@@ -76,14 +76,6 @@ class RunTeacher:
         }
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_run_teacher(run_dir: str | Path) -> RunTeacher:
     """Rebuild a finished run's network from its `result.json` config and `best.pt`; refuse anything else."""
     path = Path(run_dir)
@@ -127,7 +119,7 @@ def load_run_teacher(run_dir: str | Path) -> RunTeacher:
             f"{result['student_size']} px ({first})"
         ) from err
     model.eval().requires_grad_(False)
-    return RunTeacher(path, result, model, _file_sha256(checkpoint), int(stored.get("epoch", 0)))
+    return RunTeacher(path, result, model, file_sha256(checkpoint), int(stored.get("epoch", 0)))
 
 
 class _LogitsAndFeatures(nn.Module):

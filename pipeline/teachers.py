@@ -6,7 +6,6 @@ concatenated with the mean patch token ("cls+mean", DINOv2's linear evaluation).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import time
@@ -19,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from medkd.config import POOLS
-from medkd.data import DeviceSplit, View
+from medkd.data import DeviceSplit, View, file_sha256
 from medkd.errors import MedkdError
 
 PATCH_SIZE = 14
@@ -103,15 +102,6 @@ class FrozenTeacher(nn.Module):
             return cls
         patches = tokens[:, self.backbone.num_prefix_tokens :]  # register tokens excluded
         return torch.cat([cls, patches.mean(dim=1)], dim=1)  # (B, 2D)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_teacher(
