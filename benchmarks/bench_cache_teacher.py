@@ -2,8 +2,8 @@
 
 The stage loads the .npz, builds the teacher, runs one backbone pass per image, trains the linear head
 on the cached features (paper schedule: 100 epochs), fingerprints the data and writes the HDF5 cache.
-The bare forward is only `teacher(prepare_images(batch))` over the same splits and batch size, teacher
-already built. Goals: stage img/s >= 0.9 x bare img/s, and head training < 5% of the stage.
+The bare forward is only `teacher.features(prepare_images(batch))` over the same splits and batch
+size, teacher already built. Goals: stage img/s >= 0.9 x bare img/s, and head training < 5% of the stage.
 
 Teachers: the tiny random DINOv2-architecture ViT (a test fixture, microseconds per image), and (not
 with --quick) DINOv2 ViT-S/14's real architecture, random-init, loaded through `--weights` from a
@@ -34,11 +34,12 @@ from _common import (
 )
 from rich.console import Console
 
+from medkd.backbones import BackboneTeacher, build_teacher
 from medkd.cache import TeacherCache
 from medkd.cache_teacher import cache_teacher
 from medkd.config import CacheTeacherConfig
 from medkd.data import SPLITS, DeviceSplit, View, dataset_info, load_arrays
-from medkd.teachers import TEACHERS, FrozenTeacher, build_teacher
+from medkd.registry import TEACHERS
 
 
 def write_vits14_weights(folder: Path, img_size: int) -> Path:
@@ -52,7 +53,7 @@ def write_vits14_weights(folder: Path, img_size: int) -> Path:
     return path
 
 
-def bare_forward(teacher: FrozenTeacher, arrays: dict, task: str, batch_size: int) -> Callable[[], None]:
+def bare_forward(teacher: BackboneTeacher, arrays: dict, task: str, batch_size: int) -> Callable[[], None]:
     view = View(teacher.img_size, teacher.mean, teacher.std)
 
     @torch.inference_mode()
@@ -60,13 +61,13 @@ def bare_forward(teacher: FrozenTeacher, arrays: dict, task: str, batch_size: in
         for split in SPLITS:
             data = DeviceSplit(*arrays[split], task, "cpu")
             for batch in data.batches(batch_size, view):
-                teacher(batch.images)  # (B, D)
+                teacher.features(batch.images)  # (B, D)
 
     return run
 
 
 def measure(
-    cfg: CacheTeacherConfig, teacher: FrozenTeacher, arrays: dict, rounds: int, warmup: int
+    cfg: CacheTeacherConfig, teacher: BackboneTeacher, arrays: dict, rounds: int, warmup: int
 ) -> tuple[dict[str, list[float]], list[dict]]:
     """Interleaved seconds of the whole stage and of the bare forward, and each timed stage's cache attrs."""
     quiet = Console(stderr=True, quiet=True)

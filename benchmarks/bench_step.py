@@ -28,33 +28,34 @@ from _common import (
 )
 from torch import nn
 
+from medkd.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneTeacher, build_teacher
 from medkd.data import DeviceSplit, View, dataset_info, load_arrays, num_outputs, prepare_images
 from medkd.losses import kd_loss
+from medkd.registry import TEACHERS
 from medkd.students import build_student
-from medkd.teachers import IMAGENET_MEAN, IMAGENET_STD, TEACHERS, FrozenTeacher, build_teacher
 
 ALPHA, TEMPERATURE = 0.2, 2.0
 
 
-def vit_s14(img_size: int) -> FrozenTeacher:
+def vit_s14(img_size: int) -> BackboneTeacher:
     """DINOv2 ViT-S/14's architecture, random init (no weights offline): the cost of a real teacher."""
     import timm
 
     spec = TEACHERS["dinov2_vits14"]
     backbone = timm.create_model(spec.timm_id, pretrained=False, img_size=img_size)
-    return FrozenTeacher(
+    return BackboneTeacher(
         "vit_s14", backbone, spec.timm_id, "cls", img_size, IMAGENET_MEAN, IMAGENET_STD, "", True
     )
 
 
-def online_teacher(teacher: FrozenTeacher, n_out: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def online_teacher(teacher: BackboneTeacher, n_out: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 images (B, H, W[, 3]) → teacher logits (B, C): resize to the teacher's view, backbone, head."""
     head = nn.Linear(teacher.feature_dim, n_out).requires_grad_(False)
     view = View(teacher.img_size, teacher.mean, teacher.std)
 
     @torch.inference_mode()
     def logits(raw: torch.Tensor) -> torch.Tensor:
-        return head(teacher(prepare_images(raw, view)))
+        return head(teacher.features(prepare_images(raw, view)))
 
     return logits
 
@@ -71,10 +72,10 @@ def loss_overhead(cached: torch.Tensor, targets: torch.Tensor, batch_size: int, 
     y = targets[idx]
 
     def ce() -> None:
-        kd_loss(logits, None, y, 1.0, TEMPERATURE).backward()
+        kd_loss(logits, None, y, 1.0, TEMPERATURE).loss.backward()
 
     def kd() -> None:
-        kd_loss(logits, cached[idx], y, ALPHA, TEMPERATURE).backward()
+        kd_loss(logits, cached[idx], y, ALPHA, TEMPERATURE).loss.backward()
 
     times = interleave({"ce": ce, "kd": kd}, rounds=reps, warmup=10)
     return median(times["kd"]) - median(times["ce"])
@@ -142,7 +143,7 @@ def main() -> None:
                     t, alpha = cached[idx], ALPHA  # (B, C), an index gather
                 else:
                     t, alpha = teacher(train.images[idx]), ALPHA  # (B, C), a teacher forward
-                loss = kd_loss(model(x), t, y, alpha, TEMPERATURE)
+                loss = kd_loss(model(x), t, y, alpha, TEMPERATURE).loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -27,6 +27,7 @@ from _common import add_threads_arg, interleave, median, print_table, ratio_line
 from rich.console import Console
 from torch import nn
 
+from medkd.backbones import BackboneTeacher, build_teacher
 from medkd.cache import TeacherCache
 from medkd.cache_teacher import cache_teacher
 from medkd.config import CacheTeacherConfig, DistillConfig, to_dict
@@ -41,9 +42,8 @@ from medkd.data import (
     prepare_images,
 )
 from medkd.students import build_student
-from medkd.sweep import run_trial
-from medkd.teachers import FrozenTeacher, build_teacher
-from medkd.train import evaluate_model, train_epochs
+from medkd.train import LoopState, evaluate_model, train_epochs
+from medkd.trials import run_trial
 
 FLAG = "breastmnist"
 GRID = [(0.2, 2.0), (0.5, 5.0), (0.8, 8.0), (0.1, 2.0), (0.3, 2.0), (0.2, 4.0), (0.4, 2.0), (0.2, 1.0)]
@@ -52,7 +52,7 @@ GRID = [(0.2, 2.0), (0.5, 5.0), (0.8, 8.0), (0.1, 2.0), (0.3, 2.0), (0.2, 4.0), 
 class OnlineLogits:
     """Stands in for the cached (N, C) logits tensor: indexing it runs the teacher on those images."""
 
-    def __init__(self, teacher: FrozenTeacher, head: nn.Linear, images: torch.Tensor):
+    def __init__(self, teacher: BackboneTeacher, head: nn.Linear, images: torch.Tensor):
         self.teacher, self.head, self.images = teacher, head, images
         self.view = View(teacher.img_size, teacher.mean, teacher.std)
 
@@ -61,10 +61,10 @@ class OnlineLogits:
 
     @torch.no_grad()
     def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
-        return self.head(self.teacher(prepare_images(self.images[index], self.view)))  # (B, C)
+        return self.head(self.teacher.features(prepare_images(self.images[index], self.view)))  # (B, C)
 
 
-def online_run(cfg: DistillConfig, teacher: FrozenTeacher, head: nn.Linear) -> dict[str, float]:
+def online_run(cfg: DistillConfig, teacher: BackboneTeacher, head: nn.Linear) -> dict[str, float]:
     """One online-KD student run: the distill recipe, with the teacher in the step instead of the cache."""
     info = dataset_info(FLAG)
     arrays = load_arrays(FLAG, cfg.size, cfg.data_dir)
@@ -77,13 +77,11 @@ def online_run(cfg: DistillConfig, teacher: FrozenTeacher, head: nn.Linear) -> d
         splits["train"],
         splits["val"],
         view,
+        LoopState.create(model, cfg.lr, cfg.epochs, cfg.milestones, cfg.seed),
         teacher_logits=OnlineLogits(teacher, head, splits["train"].images),  # type: ignore[arg-type]
         alpha=cfg.alpha,
         temperature=cfg.temperature,
-        epochs=cfg.epochs,
         batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        seed=cfg.seed,
     ):
         pass
     return evaluate_model(model, splits["test"], view)[0]

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import TASK_FLAGS, tiny_cache_config
 
+from medkd.cache import TeacherCache
 from medkd.cache_teacher import cache_teacher
 from medkd.cli import main
 from medkd.config import DistillConfig
@@ -56,9 +57,9 @@ def test_teacher_logits_are_looked_up_by_dataset_index(synthetic_root, caches, t
         quick(cache=str(cache), data_dir=str(synthetic_root), alpha=0.0, epochs=2, out=str(tmp_path / "run"))
     )
     if flip_logits:
-        assert result["test"]["auc"] < 0.5, result["history"]
+        assert result.test["auc"] < 0.5, result.history
     else:
-        assert result["test"]["auc"] > 0.9
+        assert result.test["auc"] > 0.9
 
 
 @pytest.mark.parametrize("flag", list(TASK_FLAGS.values()))
@@ -78,14 +79,20 @@ def test_run_folder_is_complete_for_every_task(synthetic_root, caches, tmp_path,
     assert saved["config"]["alpha"] == alpha and saved["dataset"] == flag
     assert saved["baseline"] is (alpha == 1.0)
     assert saved["teacher"]["teacher"] == "tiny" and saved["teacher"]["medkd_format"] == 1
-    assert 0 <= saved["teacher"]["test_auc"] <= 1
+    assert saved["teacher"]["test_auc"] == TeacherCache(caches[flag]).teacher_metrics("test")["auc"]
     assert len(saved["history"]) == 1 and saved["best_epoch"] == 1
+    epoch = saved["history"][0]  # the loss and its two terms, each a mean over the training images
+    if alpha == 1.0:
+        assert epoch["kd"] is None and epoch["loss"] == pytest.approx(epoch["ce"], rel=1e-6)
+    else:
+        assert epoch["kd"] >= 0 and epoch["ce"] > 0
+        assert epoch["loss"] == pytest.approx(alpha * epoch["ce"] + (1 - alpha) * epoch["kd"], rel=1e-5)
     for key in ("wall_seconds", "train_images_per_second", "device", "versions", "val", "test"):
         assert key in saved
     # Anyone can recompute the test metrics from predictions.npz.
     with np.load(run / "predictions.npz") as p:
         recomputed = evaluate(str(p["task"]), p["y_true"], p["y_score"])
-    assert recomputed == pytest.approx(result["test"])
+    assert recomputed == pytest.approx(result.test)
 
 
 def test_baseline_needs_no_cache(synthetic_root, tmp_path):
@@ -94,8 +101,8 @@ def test_baseline_needs_no_cache(synthetic_root, tmp_path):
             dataset="pathmnist", alpha=1.0, data_dir=str(synthetic_root), epochs=2, out=str(tmp_path / "base")
         )
     )
-    assert result["teacher"] is None and result["baseline"]
-    assert result["test"]["auc"] > 0.6
+    assert result.teacher is None and result.baseline
+    assert result.test["auc"] > 0.6
 
 
 def test_same_seed_same_run_on_cpu(synthetic_root, caches, tmp_path):
@@ -110,7 +117,7 @@ def test_same_seed_same_run_on_cpu(synthetic_root, caches, tmp_path):
         )
         for i in range(2)
     ]
-    assert [h["loss"] for h in runs[0]["history"]] == [h["loss"] for h in runs[1]["history"]]
+    assert [h["loss"] for h in runs[0].history] == [h["loss"] for h in runs[1].history]
     other = distill(
         quick(
             cache=str(caches["retinamnist"]),
@@ -120,7 +127,7 @@ def test_same_seed_same_run_on_cpu(synthetic_root, caches, tmp_path):
             out=str(tmp_path / "r2"),
         )
     )
-    assert other["history"][0]["loss"] != runs[0]["history"][0]["loss"]
+    assert other.history[0]["loss"] != runs[0].history[0]["loss"]
 
 
 def test_patience_stops_early(synthetic_root, tmp_path):
@@ -135,8 +142,8 @@ def test_patience_stops_early(synthetic_root, tmp_path):
             out=str(tmp_path / "p"),
         )
     )
-    assert result["epochs_run"] < 30
-    assert result["epochs_run"] - result["best_epoch"] == 2
+    assert result.epochs_run < 30
+    assert result.epochs_run - result.best_epoch == 2
 
 
 def test_cache_from_other_data_is_refused_and_nothing_written(caches, tmp_path):

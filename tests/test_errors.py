@@ -228,8 +228,8 @@ def _nan_after(monkeypatch, calls: int) -> None:
 
     def poisoned(*args, **kwargs):
         seen.append(1)
-        loss = original(*args, **kwargs)
-        return loss * float("nan") if len(seen) > calls else loss
+        terms = original(*args, **kwargs)
+        return terms._replace(loss=terms.loss * float("nan")) if len(seen) > calls else terms
 
     monkeypatch.setattr(medkd.train, "kd_loss", poisoned)
 

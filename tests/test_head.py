@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from conftest import TASK_FLAGS
 
+from medkd.config import lr_milestones
 from medkd.data import SPLITS, DeviceSplit, dataset_info, load_arrays, num_outputs
-from medkd.head import _better, train_head
+from medkd.head import train_head
+from medkd.metrics import BestEpoch
 
 
 def pixel_features(root, flag):
@@ -79,9 +81,20 @@ def test_lr_drops_at_milestones(synthetic_root, monkeypatch):
     assert np.allclose(seen, [1.0, 1.0, 0.1, 0.01])  # 96 train images: one step an epoch
 
 
-def test_nan_auc_is_worse_than_any_number_and_ties_keep_the_earlier_epoch():
-    assert _better(0.5, math.nan) and not _better(math.nan, 0.5) and not _better(math.nan, math.nan)
-    assert not _better(0.7, 0.7) and _better(0.71, 0.7)
+def test_best_epoch_nan_is_worse_than_any_number_and_ties_keep_the_earlier_epoch():
+    best = BestEpoch()
+    updates = [best.update(epoch, auc) for epoch, auc in enumerate([math.nan, 0.5, math.nan, 0.5, 0.51], 1)]
+    assert updates == [True, True, False, False, True]  # the first epoch counts, even with a NaN AUC
+    assert (best.epoch, best.auc, best.stale) == (5, 0.51, 0)
+    best.update(6, 0.2)
+    best.update(7, math.nan)
+    assert (best.epoch, best.stale) == (5, 2)
+
+
+@pytest.mark.parametrize("epochs,expected", [(1, ()), (2, (1,)), (3, (1, 2)), (4, (2, 3)), (100, (50, 75))])
+def test_default_milestones_drop_once_each_and_never_at_epoch_zero(epochs, expected):
+    assert lr_milestones(epochs, None) == expected
+    assert lr_milestones(epochs, (7,)) == (7,)
 
 
 def test_single_class_val_split_keeps_first_epoch(synthetic_root):

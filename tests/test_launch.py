@@ -22,10 +22,13 @@ from conftest import tiny_cache_config
 
 from medkd.cache_teacher import cache_teacher
 from medkd.cli import main
+from medkd.config import LaunchConfig, SweepConfig
 from medkd.errors import MedkdError
-from medkd.launch import TRIAL, LaunchConfig, file_sha256, run_trials, stage_cache
+from medkd.files import file_sha256
 from medkd.report import collect_runs
-from medkd.sweep import SweepConfig, expand, run_sweep
+from medkd.runs import TRIAL
+from medkd.sweep import expand, run_sweep
+from medkd.trials import run_trials, stage_cache
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
 HAS_SUBMITIT = importlib.util.find_spec("submitit") is not None
@@ -69,7 +72,7 @@ def fails_then_reruns_only_it(cache: Path, root: Path, out: Path, *launcher: str
     assert error_line.startswith("Error: 1 of 3 trials failed (a0.5_t2_s0; a0.5_t2_s0: IsADirectoryError")
     assert "2 trial(s) ran, 0 skipped, 1 failed" in result.output
     results, problems = collect_runs(out)
-    assert sorted(Path(r["run_dir"]).name for r in results) == ["a0.2_t2_s0", "a0.8_t2_s0"]
+    assert sorted(Path(r.run_dir).name for r in results) == ["a0.2_t2_s0", "a0.8_t2_s0"]
     assert [(Path(p["run_dir"]).name, p["status"]) for p in problems] == [("a0.5_t2_s0", "broken")]
     assert "IsADirectoryError" in problems[0]["reason"]
 
@@ -252,7 +255,7 @@ def test_submitit_local_executor_runs_packed_trials(cache, synthetic_root, tmp_p
     )  # fmt: skip
     launch = LaunchConfig(launcher="slurm", slurm_cluster="local", slurm_trials_per_job=2, slurm_time_min=10)
     results = run_sweep(sweep, launch=launch)
-    assert len(results) == 4 and all(r["config_hash"] for r in results)
+    assert len(results) == 4 and all(r.config_hash for r in results)
     pids = [json.loads((Path(t["out"]) / TRIAL).read_text())["pid"] for t in expand(sweep)]
     assert pids[0] == pids[1] != pids[2] == pids[3]  # two array tasks, two trials each, in order
     assert sum(p.name.isdigit() for p in (tmp_path / "s" / ".submitit").iterdir()) == 2  # a folder per job

@@ -68,7 +68,7 @@ def multilabel_batch(seed: int = 0, B: int = 8, L: int = 4, scale: float = 3.0):
 def test_multiclass_matches_reference(alpha, T):
     s, t, y = multiclass_batch()
     expected = alpha * ref_ce(s, y) + (1 - alpha) * T**2 * ref_kl_multiclass(s, t, T)
-    assert kd_loss(s, t, y, alpha, T).item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert kd_loss(s, t, y, alpha, T).loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.2, 0.5, 0.9])
@@ -76,37 +76,38 @@ def test_multiclass_matches_reference(alpha, T):
 def test_multilabel_matches_reference(alpha, T):
     s, t, y = multilabel_batch()
     expected = alpha * ref_bce(s, y) + (1 - alpha) * T**2 * ref_kl_multilabel(s, t, T)
-    got = kd_loss(s, t, y, alpha, T, multilabel=True).item()
+    got = kd_loss(s, t, y, alpha, T, multilabel=True).loss.item()
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
 def test_alpha_one_is_plain_ce_and_needs_no_teacher():
     s, t, y = multiclass_batch()
-    assert torch.equal(kd_loss(s, None, y, 1.0, 2.0), F.cross_entropy(s, y))
-    assert torch.equal(kd_loss(s, t, y, 1.0, 2.0), F.cross_entropy(s, y))
+    assert torch.equal(kd_loss(s, None, y, 1.0, 2.0).loss, F.cross_entropy(s, y))
+    assert torch.equal(kd_loss(s, t, y, 1.0, 2.0).loss, F.cross_entropy(s, y))
     assert torch.equal(hard_loss(s, y), F.cross_entropy(s, y))
 
 
 def test_alpha_one_is_plain_bce_and_needs_no_teacher():
     s, _, y = multilabel_batch()
     expected = F.binary_cross_entropy_with_logits(s, y)
-    assert torch.equal(kd_loss(s, None, y, 1.0, 4.0, multilabel=True), expected)
+    assert torch.equal(kd_loss(s, None, y, 1.0, 4.0, multilabel=True).loss, expected)
     assert torch.equal(hard_loss(s, y, multilabel=True), expected)
 
 
 @pytest.mark.parametrize("T", [1.0, 3.0, 8.0])
 def test_alpha_zero_is_t_squared_kl(T):
     s, t, y = multiclass_batch(seed=1)
-    assert kd_loss(s, t, y, 0.0, T).item() == pytest.approx(T**2 * ref_kl_multiclass(s, t, T), rel=1e-5)
+    assert kd_loss(s, t, y, 0.0, T).loss.item() == pytest.approx(T**2 * ref_kl_multiclass(s, t, T), rel=1e-5)
     s, t, y = multilabel_batch(seed=1)
-    got = kd_loss(s, t, y, 0.0, T, multilabel=True).item()
+    got = kd_loss(s, t, y, 0.0, T, multilabel=True).loss.item()
     assert got == pytest.approx(T**2 * ref_kl_multilabel(s, t, T), rel=1e-5)
 
 
 @pytest.mark.parametrize("multilabel", [False, True])
 def test_identical_logits_give_zero_kd(multilabel):
     s, _, y = multilabel_batch() if multilabel else multiclass_batch()
-    assert kd_loss(s, s.clone(), y, 0.0, 2.0, multilabel=multilabel).item() == pytest.approx(0.0, abs=1e-5)
+    terms = kd_loss(s, s.clone(), y, 0.0, 2.0, multilabel=multilabel)
+    assert terms.loss.item() == pytest.approx(0.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("multilabel", [False, True])
@@ -115,7 +116,7 @@ def test_gradients_finite(multilabel, T, scale):
     s, t, y = multilabel_batch(scale=scale) if multilabel else multiclass_batch(scale=scale)
     s = s.clamp(-50, 50).requires_grad_(True)
     t = t.clamp(-50, 50).requires_grad_(True)
-    loss = kd_loss(s, t, y, 0.2, T, multilabel=multilabel)
+    loss = kd_loss(s, t, y, 0.2, T, multilabel=multilabel).loss
     loss.backward()
     assert torch.isfinite(loss)
     assert torch.isfinite(s.grad).all()
@@ -125,11 +126,11 @@ def test_gradients_finite(multilabel, T, scale):
 def test_extreme_opposite_logits_stay_finite():
     s = torch.tensor([[50.0, -50.0, 0.0]], requires_grad=True)
     t = torch.tensor([[-50.0, 50.0, 0.0]])
-    loss = kd_loss(s, t, torch.tensor([0]), 0.0, 1.0)
+    loss = kd_loss(s, t, torch.tensor([0]), 0.0, 1.0).loss
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
     s = torch.tensor([[50.0, -50.0]], requires_grad=True)
-    loss = kd_loss(s, -s.detach(), torch.tensor([[1.0, 0.0]]), 0.0, 1.0, multilabel=True)
+    loss = kd_loss(s, -s.detach(), torch.tensor([[1.0, 0.0]]), 0.0, 1.0, multilabel=True).loss
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
 
@@ -137,9 +138,9 @@ def test_extreme_opposite_logits_stay_finite():
 def test_multiclass_invariant_to_per_row_shifts():
     s, t, y = multiclass_batch(seed=2)
     shift = torch.randn(s.shape[0], 1, generator=torch.Generator().manual_seed(3)) * 10
-    base = kd_loss(s, t, y, 0.3, 2.0)
-    assert kd_loss(s, t + shift, y, 0.3, 2.0).item() == pytest.approx(base.item(), rel=1e-5)
-    assert kd_loss(s + shift, t, y, 0.3, 2.0).item() == pytest.approx(base.item(), rel=1e-5)
+    base = kd_loss(s, t, y, 0.3, 2.0).loss
+    assert kd_loss(s, t + shift, y, 0.3, 2.0).loss.item() == pytest.approx(base.item(), rel=1e-5)
+    assert kd_loss(s + shift, t, y, 0.3, 2.0).loss.item() == pytest.approx(base.item(), rel=1e-5)
 
 
 def test_golden_value_multiclass():
@@ -158,7 +159,7 @@ def test_golden_value_multiclass():
         p, q = softmax(rt, T), softmax(rs, T)
         kl += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
     expected = alpha * ce + (1 - alpha) * T**2 * kl / 2
-    got = kd_loss(torch.tensor(s), torch.tensor(t), torch.tensor(y), alpha, T).item()
+    got = kd_loss(torch.tensor(s), torch.tensor(t), torch.tensor(y), alpha, T).loss.item()
     assert got == pytest.approx(expected, rel=1e-6)
     assert got == pytest.approx(0.4236666, abs=1e-6)  # the same number, frozen against regressions
 
@@ -179,7 +180,7 @@ def test_golden_value_multilabel():
             p, q = sig(vt / T), sig(vs / T)
             kl += p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
     expected = alpha * bce / 4 + (1 - alpha) * T**2 * kl / 4
-    got = kd_loss(torch.tensor(s), torch.tensor(t), torch.tensor(y), alpha, T, multilabel=True).item()
+    got = kd_loss(torch.tensor(s), torch.tensor(t), torch.tensor(y), alpha, T, multilabel=True).loss.item()
     assert got == pytest.approx(expected, rel=1e-6)
 
 
@@ -220,7 +221,7 @@ def test_kd_part_non_negative(s, t, T, multilabel):
     n = min(len(s), len(t))
     s, t = torch.tensor(s[:n]), torch.tensor(t[:n])
     y = torch.zeros(n, 3) if multilabel else torch.zeros(n, dtype=torch.long)
-    assert kd_loss(s, t, y, 0.0, T, multilabel=multilabel).item() >= -1e-5
+    assert kd_loss(s, t, y, 0.0, T, multilabel=multilabel).loss.item() >= -1e-5
 
 
 @settings(max_examples=50, deadline=None)
@@ -234,4 +235,14 @@ def test_alpha_one_equals_hard_loss(s, T, multilabel, data):
         y = y.reshape(s.shape)
     else:
         y = torch.tensor(data.draw(st.lists(st.integers(0, 2), min_size=len(s), max_size=len(s))))
-    assert torch.equal(kd_loss(s, None, y, 1.0, T, multilabel=multilabel), hard_loss(s, y, multilabel))
+    assert torch.equal(kd_loss(s, None, y, 1.0, T, multilabel=multilabel).loss, hard_loss(s, y, multilabel))
+
+
+def test_the_terms_add_up_and_the_baseline_has_no_kd_term():
+    torch.manual_seed(3)
+    s, t, y = torch.randn(6, 4), torch.randn(6, 4), torch.randint(0, 4, (6,))
+    terms = kd_loss(s, t, y, 0.3, 2.0)
+    assert terms.ce.item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6)
+    assert terms.kd.item() == pytest.approx(4.0 * ref_kl_multiclass(s, t, 2.0), rel=1e-5)
+    assert terms.loss.item() == pytest.approx(0.3 * terms.ce.item() + 0.7 * terms.kd.item(), rel=1e-6)
+    assert kd_loss(s, t, y, 1.0, 2.0).kd is None

@@ -11,30 +11,60 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import tiny_cache_config
 
-from medkd.cache_teacher import cache_teacher
 from medkd.cli import main
-from medkd.data import make_synthetic_like
 from medkd.report import collect_runs, summarise
-from medkd.sweep import SweepConfig, run_sweep
 
 PAIRS = ((2.0, 0.2), (4.0, 0.2), (2.0, 0.5), (2.0, 1.0))  # (T, alpha); alpha=1 is the baseline
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+TEACHER = {
+    "cache": "c.h5", "teacher": "tiny", "backbone": "tiny", "medkd_format": 1, "teacher_input_size": 28,
+    "weights_sha256": "", "data_sha256": {"train": "a", "val": "b", "test": "c"}, "fingerprint": "f" * 64,
+    "test_auc": 0.61, "test_acc": 0.55,
+}  # fmt: skip
+
+
+def write_run(folder: Path, alpha: float, temperature: float, seed: int, rng: np.random.Generator) -> None:
+    """A finished run folder as `medkd distill` writes it, by hand: result.json and the two run files.
+
+    Half the runs are written in result format 1 (grid keys copied to the top level), as medkd 0.1 did.
+    """
+    config = {
+        "cache": "c.h5", "dataset": None, "size": 28, "alpha": alpha, "temperature": temperature,
+        "student": "resnet18", "student_size": 16, "student_weights": None, "interpolation": "bicubic",
+        "epochs": 1, "batch_size": 64, "lr": 1e-3, "milestones": None, "patience": None, "out": str(folder),
+        "data_dir": None, "download": False, "device": "auto", "seed": seed, "force": False, "quiet": True,
+        "resume": False,
+    }  # fmt: skip
+    result = {
+        "medkd_result": 2, "run_dir": str(folder), "config": config, "config_hash": "0" * 16,
+        "dataset": "breastmnist", "size": 28, "task": "binary-class", "n_outputs": 2, "student_size": 16,
+        "baseline": alpha == 1.0, "teacher": TEACHER, "data_sha256": TEACHER["data_sha256"],
+        "history": [], "epochs_run": 1, "best_epoch": 1,
+        "val": {"auc": float(rng.uniform(0.5, 1)), "acc": float(rng.uniform(0.5, 1))},
+        "test": {"auc": float(rng.uniform(0.5, 1)), "acc": float(rng.uniform(0.5, 1))},
+        "wall_seconds": float(rng.uniform(1, 9)), "train_images_per_second": 100.0, "device": "cpu",
+        "versions": {},
+    }  # fmt: skip
+    if seed == 1:
+        result.update(
+            medkd_result=1, student="resnet18", alpha=alpha, temperature=temperature, lr=1e-3, seed=1
+        )
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps(result))
+    for name in ("best.pt", "predictions.npz"):
+        (folder / name).write_bytes(b"")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished sweep with two seeds per config: three KD configs and the baseline."""
-    root = tmp_path_factory.mktemp("reportdata")
-    make_synthetic_like(root, "breastmnist", n_train=64, n_val=32, n_test=32, seed=5)
-    cache = cache_teacher(tiny_cache_config(root, root / "c.h5"))
-    out = tmp_path_factory.mktemp("runs") / "sweep"
-    sweep = SweepConfig(
-        cache=str(cache), pairs=PAIRS, seed=(0, 1), data_dir=str(root), out=str(out), student="resnet18",
-        student_size=16, epochs=1, batch_size=64, quiet=True,
-    )  # fmt: skip
-    run_sweep(sweep)
+    out, rng = tmp_path_factory.mktemp("runs") / "sweep", np.random.default_rng(0)
+    for temperature, alpha in PAIRS:
+        for seed in (0, 1):
+            write_run(out / f"a{alpha:g}_t{temperature:g}_s{seed}", alpha, temperature, seed, rng)
     return out
 
 
@@ -59,7 +89,7 @@ def test_collect_and_summarise_group_over_seeds(runs):
     assert baseline["alpha"] == 1.0 and baseline["temperature"] is None and baseline["teacher"] is None
     teacher = rows[0]
     assert teacher["teacher"] == "tiny" and teacher["n_seeds"] == 1  # one cache behind all the runs
-    assert teacher["test_auc_mean"] == results[0]["teacher"]["test_auc"] and teacher["test_auc_std"] is None
+    assert teacher["test_auc_mean"] == results[0].teacher["test_auc"] and teacher["test_auc_std"] is None
     for row in rows[1:]:
         assert row["n_seeds"] == 2 and row["seeds"] == [0, 1] and row["student"] == "resnet18"
 
@@ -76,7 +106,10 @@ def test_csv_has_one_row_per_config_with_mean_and_std_of_the_seeds(runs):
             continue
         alpha, temperature = float(row["alpha"]), row["temperature"]
         group = [
-            r for r in saved if r["alpha"] == alpha and (alpha == 1 or r["temperature"] == float(temperature))
+            r
+            for r in saved
+            if r["config"]["alpha"] == alpha
+            and (alpha == 1 or r["config"]["temperature"] == float(temperature))
         ]
         assert len(group) == 2 and row["n_seeds"] == "2" and row["seeds"] == "0;1"
         for split in ("val", "test"):

@@ -20,12 +20,12 @@ from click.testing import CliRunner
 from conftest import tiny_cache_config
 
 import medkd.cache_teacher
-from medkd.cache import TeacherCache, cache_fingerprint
-from medkd.cache_teacher import cache_teacher, partial_features_path
+from medkd.cache import TeacherCache, cache_fingerprint, partial_path
+from medkd.cache_teacher import cache_teacher
 from medkd.cli import main
 from medkd.config import CacheTeacherConfig, DistillConfig, to_dict
 from medkd.errors import MedkdError
-from medkd.runs import EPOCH_CHECKPOINT, config_hash, write_json
+from medkd.runs import EPOCH_CHECKPOINT, RunResult, config_hash, write_result
 from medkd.sweep import finished_result
 
 # One thread per process: the runs compared must use the same kernels, and a busy 2-core machine
@@ -121,15 +121,15 @@ def test_killed_distill_resumes_to_the_uninterrupted_result(cache, synthetic_roo
 
 def count_feature_calls(monkeypatch: pytest.MonkeyPatch, fail_at: int | None = None) -> list[int]:
     """Count the teacher's feature chunks; with `fail_at`, die (like a kill) in that chunk."""
-    original, calls = medkd.cache_teacher.extract_features, []
+    original, calls = medkd.cache_teacher.encode, []
 
-    def counted(teacher, split, *args, **kwargs):
-        calls.append(len(split))
+    def counted(teacher, images, *args, **kwargs):
+        calls.append(len(images))
         if fail_at is not None and len(calls) == fail_at:
             raise KeyboardInterrupt
-        return original(teacher, split, *args, **kwargs)
+        return original(teacher, images, *args, **kwargs)
 
-    monkeypatch.setattr(medkd.cache_teacher, "extract_features", counted)
+    monkeypatch.setattr(medkd.cache_teacher, "encode", counted)
     return calls
 
 
@@ -146,7 +146,7 @@ def test_cache_teacher_resumes_after_the_last_complete_chunk(synthetic_root, tmp
         calls = count_feature_calls(m, fail_at=3)  # train (96 images) is chunks 1-3: killed in the third
         with pytest.raises(KeyboardInterrupt):
             cache_teacher(cache_config(synthetic_root, out))
-    partial = partial_features_path(out)
+    partial = partial_path(out)
     assert not out.exists() and partial.exists()
     with h5py.File(partial, "r") as f:
         assert f["train"].attrs["done"] == 64 and "val" not in f
@@ -170,7 +170,7 @@ def test_partial_features_of_other_arguments_are_redone(synthetic_root, tmp_path
     calls = count_feature_calls(monkeypatch)
     cache_teacher(cache_config(synthetic_root, out, seed=1))  # another random-init teacher
     assert calls == [32, 32, 32, 32, 32]  # every chunk again
-    partial = partial_features_path(out)
+    partial = partial_path(out)
     partial.write_bytes(b"half a chunk")  # a damaged partial file is redone, not trusted
     calls.clear()
     cache_teacher(cache_config(synthetic_root, out, force=True))
@@ -189,7 +189,12 @@ def test_a_copied_cache_is_the_same_config_and_an_edited_one_is_not(cache, tmp_p
     original = to_dict(DistillConfig(cache=str(cache), out=str(tmp_path / "trial")))
     run = tmp_path / "trial"
     run.mkdir()
-    write_json(run / "result.json", {"config_hash": config_hash(original, fingerprint)})
+    result = RunResult(
+        config=original, dataset="breastmnist", size=28, val={"auc": 0.5, "acc": 0.5},
+        test={"auc": 0.5, "acc": 0.5}, config_hash=config_hash(original, fingerprint),
+        teacher={"fingerprint": fingerprint},
+    )  # fmt: skip
+    write_result(run, result)
     # The sweep's finished-trial check: the same trial through the copy is finished ...
     assert finished_result({**original, "cache": str(copy)}) is not None
     # ... and through a cache with other logits it is another config.

@@ -69,17 +69,17 @@ def test_cached_logits_are_the_runs_own_predictions(single, runs):
     np.testing.assert_array_equal(single.labels["test"], predictions["y_true"])
     result = read_result(runs["A"])
     for split in ("val", "test"):
-        assert single.teacher_metrics(split) == pytest.approx(result[split])
+        assert single.teacher_metrics(split) == pytest.approx(getattr(result, split))
     attrs = single.attrs
     assert attrs["teacher"] == "run:A" and attrs["backbone"] == "resnet18" and attrs["random_init"] is False
     assert attrs["weights_sha256"] == hashlib.sha256((runs["A"] / "best.pt").read_bytes()).hexdigest()
     assert attrs["teacher_input_size"] == STUDENT_SIZE and attrs["mean"] == (0.5, 0.5, 0.5)
     member = attrs["ensemble"]["members"][0]
     assert attrs["ensemble"]["combine"] == "mean_logits" and len(attrs["ensemble"]["members"]) == 1
-    assert member["run_dir"] == str(runs["A"]) and member["config_hash"] == result["config_hash"]
+    assert member["run_dir"] == str(runs["A"]) and member["config_hash"] == result.config_hash
     assert single.features("train").shape == (96, 512)  # ResNet18's pooled penultimate layer
     assert single.head_attrs["best_epoch"] == 1 and single.head_attrs["test_auc"] == pytest.approx(
-        result["test"]["auc"]
+        result.test["auc"]
     )
     assert inspect_cache(single.path)["head_check"]["status"] == "ok"  # the run's fc is the head
 
@@ -122,7 +122,7 @@ def test_ensemble_from_repeated_flags_is_the_mean_of_member_logits_and_distill_r
         quiet=True,
     )
     result = distill(student)
-    assert result["teacher"]["teacher"] == "run:A+run:C" and not result["baseline"]
+    assert result.teacher["teacher"] == "run:A+run:C" and not result.baseline
 
 
 def run_cli(*args):
@@ -152,7 +152,7 @@ def break_other_architecture(run, runs):
     # A checkpoint that claims to be this run but holds another network (a resnet18 with 3 outputs).
     from medkd.students import build_student
 
-    config = read_result(run)["config"]
+    config = read_result(run).config
     model = build_student("resnet18", 3, STUDENT_SIZE)
     torch.save({"model": model.state_dict(), "epoch": 1, "config": config}, run / "best.pt")
 

@@ -12,13 +12,16 @@ from conftest import tiny_cache_config
 
 import medkd.cache
 import medkd.distill
+import medkd.trials
 from medkd.cache_teacher import cache_teacher
 from medkd.cli import main
-from medkd.config import read_toml, section_values
+from medkd.config import SweepConfig, make_sweep_config, read_toml, section_values
 from medkd.data import make_synthetic_like
 from medkd.errors import MedkdError
 from medkd.report import collect_runs
-from medkd.sweep import SweepConfig, expand, make_sweep_config, run_trial
+from medkd.runs import read_result
+from medkd.sweep import expand
+from medkd.trials import run_trial
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Small and quick: one epoch, one optimiser step, the student at 16 px.
@@ -40,7 +43,7 @@ def no_teacher(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("a teacher backbone was built during a sweep")
 
-    monkeypatch.setattr("medkd.teachers.build_teacher", refuse)
+    monkeypatch.setattr("medkd.backbones.build_teacher", refuse)
     monkeypatch.setattr("medkd.cache_teacher.build_teacher", refuse)
     monkeypatch.setattr("timm.create_model", refuse)
 
@@ -61,7 +64,8 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
 
     monkeypatch.setattr(medkd.cache, "TeacherCache", reading_cache)
     monkeypatch.setattr(medkd.distill, "TeacherCache", reading_cache)
-    monkeypatch.setattr(medkd.distill, "distill", training)
+    monkeypatch.setattr(medkd.trials, "TeacherCache", reading_cache)
+    monkeypatch.setattr(medkd.trials, "distill", training)
     return calls
 
 
@@ -112,12 +116,12 @@ def test_trial_with_another_config_in_its_folder_is_refused_unless_force(data, t
     )  # fmt: skip
     (config,) = expand(sweep)
     first = run_trial(config)
-    assert run_trial(config) == json.loads(Path(config["out"], "result.json").read_text()) == first
+    assert run_trial(config) == read_result(config["out"]) == first
     changed = {**config, "lr": 1e-2}
     with pytest.raises(MedkdError, match="another config.*--force"):
         run_trial(changed)
     forced = run_trial({**changed, "force": True})
-    assert forced["lr"] == 1e-2 and forced["config_hash"] != first["config_hash"]
+    assert forced.lr == 1e-2 and forced.config_hash != first.config_hash
 
 
 def test_failed_trial_leaves_error_json_that_report_lists(tmp_path, monkeypatch):
@@ -125,7 +129,7 @@ def test_failed_trial_leaves_error_json_that_report_lists(tmp_path, monkeypatch)
         Path(cfg.out).mkdir(parents=True)
         raise RuntimeError("loss exploded")
 
-    monkeypatch.setattr(medkd.distill, "distill", failing)
+    monkeypatch.setattr(medkd.trials, "distill", failing)
     (config,) = expand(SweepConfig(dataset="breastmnist", alpha=(1.0,), out=str(tmp_path / "s")))
     with pytest.raises(RuntimeError, match="loss exploded"):
         run_trial(config)

@@ -6,17 +6,11 @@ import torch
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from medkd.config import TEACHER_NAMES
-from medkd.data import DeviceSplit, View, prepare_images
+from medkd.backbones import IMAGENET_MEAN, BackboneTeacher, build_teacher, load_weights
+from medkd.data import View, prepare_images
 from medkd.errors import MedkdError
-from medkd.teachers import (
-    IMAGENET_MEAN,
-    TEACHERS,
-    FrozenTeacher,
-    build_teacher,
-    extract_features,
-    load_weights,
-)
+from medkd.registry import TEACHERS
+from medkd.teachers import encode
 
 
 def to_dinov2_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -34,8 +28,7 @@ def to_dinov2_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out  # ViT-S/B/L keep fc1/fc2; only ViT-g's SwiGLU would need fc1→w12, fc2→w3
 
 
-def test_registry_keys_are_the_cli_choices():
-    assert tuple(TEACHERS) == TEACHER_NAMES
+def test_registry_names_the_timm_models_and_official_files():
     assert TEACHERS["dinov2_vitb14"].timm_id == "vit_base_patch14_dinov2.lvd142m"
     assert TEACHERS["dinov2_vitg14_reg"].timm_id == "vit_giant_patch14_reg4_dinov2.lvd142m"
     assert TEACHERS["dinov2_vitl14_reg"].official_file == "dinov2_vitl14_reg4_pretrain.pth"
@@ -64,7 +57,7 @@ def test_tiny_is_frozen_deterministic_and_sees_the_image():
     assert a.is_random_init and a.backbone_id == "tiny" and a.weights_sha256 == ""
     assert a.mean == IMAGENET_MEAN and a.feature_dim == 48 and a.img_size == 28 and a.pool == "cls"
     x = torch.randn(8, 3, 28, 28)
-    fa, fb = a(x), b(x)
+    fa, fb = a.features(x), b.features(x)
     assert fa.shape == (8, 48) and torch.equal(fa, fb)
     # The CLS token differs between images by more than fp16 resolution (the cache stores fp16).
     assert fa.half().float().std(dim=0).mean() > 1e-2
@@ -83,13 +76,13 @@ def test_cls_plus_mean_excludes_register_tokens():
         reg_tokens=4,
         no_embed_class=True,
     )
-    teacher = FrozenTeacher("reg", backbone, "reg", "cls+mean", 28, IMAGENET_MEAN, IMAGENET_MEAN, "", True)
+    teacher = BackboneTeacher("reg", backbone, "reg", "cls+mean", 28, IMAGENET_MEAN, IMAGENET_MEAN, "", True)
     x = torch.randn(3, 3, 28, 28)
     tokens = backbone.forward_features(x)  # (3, 1 + 4 + 4, 32)
     assert backbone.num_prefix_tokens == 5 and tokens.shape[1] == 9
     expected = torch.cat([tokens[:, 0], tokens[:, 5:].mean(dim=1)], dim=1)
     assert teacher.feature_dim == 64
-    torch.testing.assert_close(teacher(x), expected)
+    torch.testing.assert_close(teacher.features(x), expected)
 
 
 def test_official_dinov2_file_round_trip(tmp_path):
@@ -98,12 +91,12 @@ def test_official_dinov2_file_round_trip(tmp_path):
     torch.save(to_dinov2_layout(tiny.backbone.state_dict()), path)
     loaded = build_teacher("tiny", weights=path, img_size=28)
     x = torch.randn(5, 3, 28, 28)
-    torch.testing.assert_close(loaded(x), tiny(x), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.features(x), tiny.features(x), rtol=0, atol=0)
     assert len(loaded.weights_sha256) == 64 and not loaded.is_random_init
     # At another size timm resamples pos_embed from the 2x2 grid to 4x4.
     bigger = build_teacher("tiny", weights=path, img_size=56)
     assert bigger.backbone.pos_embed.shape == (1, 1 + 16, 48)
-    out = bigger(torch.randn(2, 3, 56, 56))
+    out = bigger.features(torch.randn(2, 3, 56, 56))
     assert out.shape == (2, 48) and torch.isfinite(out).all()
 
 
@@ -135,7 +128,8 @@ def test_timm_and_safetensors_files(tmp_path):
     torch.save({"model": state}, tmp_path / "timm.pth")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "timm.safetensors"))
     for name in ("timm.pth", "timm.safetensors"):
-        torch.testing.assert_close(build_teacher("tiny", weights=tmp_path / name, img_size=28)(x), tiny(x))
+        loaded = build_teacher("tiny", weights=tmp_path / name, img_size=28)
+        torch.testing.assert_close(loaded.features(x), tiny.features(x))
 
 
 def test_dinov2_name_from_a_file_at_518_px_resampled(tmp_path):
@@ -150,7 +144,7 @@ def test_dinov2_name_from_a_file_at_518_px_resampled(tmp_path):
     assert teacher.backbone.pos_embed.shape == (1, 1 + 4, 384)
     assert teacher.backbone_id == "vit_small_patch14_dinov2.lvd142m" and teacher.feature_dim == 768
     assert teacher.mean == IMAGENET_MEAN and not teacher.is_random_init
-    assert torch.isfinite(teacher(torch.randn(2, 3, 28, 28))).all()
+    assert torch.isfinite(teacher.features(torch.randn(2, 3, 28, 28))).all()
     tiny = tmp_path / "tiny.pth"
     torch.save(build_teacher("tiny", img_size=28).backbone.state_dict(), tiny)
     with pytest.raises(
@@ -183,12 +177,13 @@ def test_offline_download_names_weights(monkeypatch):
     assert "dinov2_vits14_pretrain.pth" in message and "--weights FILE" in message and "\n" not in message
 
 
-def test_extract_features_in_order_once_each():
+def test_encode_runs_every_image_once_in_order_through_the_teachers_view():
     teacher = build_teacher("tiny", img_size=56, pool="cls+mean")
-    images = torch.randint(0, 256, (11, 28, 28), dtype=torch.uint8).numpy()
-    labels = torch.randint(0, 2, (11, 1)).numpy()
-    split = DeviceSplit(images, labels, "binary-class", "cpu")
-    features = extract_features(teacher, split, batch_size=4, quiet=True)
-    assert features.shape == (11, 96) and features.dtype == torch.float32
-    expected = teacher(prepare_images(split.images, View(56, teacher.mean, teacher.std)))
-    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
+    images = torch.randint(0, 256, (11, 28, 28), dtype=torch.uint8)
+    out = encode(teacher, images, batch_size=4)
+    assert out.features.shape == (11, 96) and out.features.dtype == torch.float32 and out.logits is None
+    expected = teacher.features(prepare_images(images, View(56, teacher.mean, teacher.std)))
+    torch.testing.assert_close(out.features, expected, rtol=1e-4, atol=1e-5)
+    # Batching does not change which image a row belongs to: row 7 alone gives row 7.
+    alone = teacher.features(prepare_images(images[7:8], View(56, teacher.mean, teacher.std)))
+    torch.testing.assert_close(out.features[7:8], alone, rtol=1e-4, atol=1e-5)

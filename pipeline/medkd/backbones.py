@@ -1,58 +1,32 @@
-"""Frozen teacher backbones (timm DINOv2 ViTs, and a tiny random one for tests) and feature extraction.
+"""Frozen timm backbones as teachers: DINOv2 ViTs (hub weights or a weights file), and a tiny random ViT.
 
-A teacher maps normalised images (B, 3, S, S) to features (B, D): the CLS token, or the CLS token
-concatenated with the mean patch token ("cls+mean", DINOv2's linear evaluation).
+A backbone teacher returns features only: the CLS token, or the CLS token concatenated with the mean
+patch token ("cls+mean", DINOv2's linear evaluation); stage one trains a linear head on them.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import timm
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from huggingface_hub import try_to_load_from_cache
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from medkd.config import POOLS
-from medkd.data import DeviceSplit, View, file_sha256
+from medkd.data import View
 from medkd.errors import MedkdError
+from medkd.files import file_sha256
+from medkd.registry import POOLS, TEACHERS, TeacherSpec
+from medkd.teachers import Teacher, TeacherOutput
 
 PATCH_SIZE = 14
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    """One teacher: its timm model id ("tiny": built here) and the official DINOv2 file it comes from."""
-
-    timm_id: str
-    official_file: str = ""  # the dinov2_vit*14[_reg4]_pretrain.pth a user can download by hand
-
-
-TEACHERS: dict[str, TeacherSpec] = {
-    "dinov2_vits14": TeacherSpec("vit_small_patch14_dinov2.lvd142m", "dinov2_vits14_pretrain.pth"),
-    "dinov2_vitb14": TeacherSpec("vit_base_patch14_dinov2.lvd142m", "dinov2_vitb14_pretrain.pth"),
-    "dinov2_vitl14": TeacherSpec("vit_large_patch14_dinov2.lvd142m", "dinov2_vitl14_pretrain.pth"),
-    "dinov2_vitg14": TeacherSpec("vit_giant_patch14_dinov2.lvd142m", "dinov2_vitg14_pretrain.pth"),
-    "dinov2_vits14_reg": TeacherSpec(
-        "vit_small_patch14_reg4_dinov2.lvd142m", "dinov2_vits14_reg4_pretrain.pth"
-    ),
-    "dinov2_vitb14_reg": TeacherSpec(
-        "vit_base_patch14_reg4_dinov2.lvd142m", "dinov2_vitb14_reg4_pretrain.pth"
-    ),
-    "dinov2_vitl14_reg": TeacherSpec(
-        "vit_large_patch14_reg4_dinov2.lvd142m", "dinov2_vitl14_reg4_pretrain.pth"
-    ),
-    "dinov2_vitg14_reg": TeacherSpec(
-        "vit_giant_patch14_reg4_dinov2.lvd142m", "dinov2_vitg14_reg4_pretrain.pth"
-    ),
-    "tiny": TeacherSpec("tiny"),
-}
 
 # The tiny teacher: DINOv2's architecture (patch 14, LayerScale, no classifier) at toy width and depth.
 TINY_ARGS = dict(patch_size=PATCH_SIZE, embed_dim=48, depth=2, num_heads=3, mlp_ratio=4.0, num_classes=0)
@@ -63,8 +37,8 @@ TINY_LAYER_SCALE = 1.0
 TINY_SEED = 0
 
 
-class FrozenTeacher(nn.Module):
-    """A frozen timm ViT backbone returning (B, D) features; always in eval mode, no gradients."""
+class BackboneTeacher(Teacher):
+    """A frozen timm ViT backbone: features (B, D) of its own view, no logits."""
 
     def __init__(
         self,
@@ -86,16 +60,14 @@ class FrozenTeacher(nn.Module):
         self.img_size = img_size
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.view = View(img_size, self.mean, self.std)
         self.weights_sha256 = weights_sha256
         self.is_random_init = is_random_init
         self.feature_dim = backbone.num_features * (2 if pool == "cls+mean" else 1)
-        self.requires_grad_(False)
-        self.eval()
+        self.freeze()
 
-    def train(self, mode: bool = True) -> FrozenTeacher:
-        return super().train(False)  # frozen: dropout and friends stay off whatever the caller asks
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images (B, 3, S, S) → pooled features (B, D)."""
         tokens = self.backbone.forward_features(x)  # (B, prefix + patches, D), final norm applied
         cls = tokens[:, 0]  # (B, D)
         if self.pool == "cls":
@@ -103,14 +75,30 @@ class FrozenTeacher(nn.Module):
         patches = tokens[:, self.backbone.num_prefix_tokens :]  # register tokens excluded
         return torch.cat([cls, patches.mean(dim=1)], dim=1)  # (B, 2D)
 
+    def encode(self, images: torch.Tensor) -> TeacherOutput:
+        return TeacherOutput(self.features(self.prepare(images, self.view)), None)
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone_id,
+            "weights_sha256": self.weights_sha256,
+            "teacher_input_size": self.img_size,
+            "resize": self.view.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "pool": self.pool,
+            "random_init": self.is_random_init,
+        }
+
+    def summary(self) -> str:
+        note = " [yellow](random-init teacher: a test, not a real teacher)[/]" if self.is_random_init else ""
+        return f"→ {self.img_size} px{note}"
+
 
 def build_teacher(
     name: str, weights: str | os.PathLike | None = None, img_size: int = 224, pool: str = "cls"
-) -> FrozenTeacher:
+) -> BackboneTeacher:
     """The frozen teacher `name` at `img_size` px: hub weights, a weights file, or (tiny) a seeded init."""
-    import timm
-    from timm.models.vision_transformer import VisionTransformer
-
     if name not in TEACHERS:
         raise MedkdError(f"unknown teacher '{name}'; valid: {', '.join(TEACHERS)}")
     if img_size <= 0 or img_size % PATCH_SIZE:
@@ -135,7 +123,7 @@ def build_teacher(
         load_weights(backbone, Path(weights), f"{name} ({spec.timm_id}) at {img_size} px")
         sha = file_sha256(weights)
     cfg = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD} if name == "tiny" else backbone.pretrained_cfg
-    return FrozenTeacher(
+    return BackboneTeacher(
         name,
         backbone,
         spec.timm_id,
@@ -149,8 +137,6 @@ def build_teacher(
 
 
 def _download(spec: TeacherSpec, img_size: int) -> nn.Module:
-    import timm
-
     try:
         return timm.create_model(spec.timm_id, pretrained=True, img_size=img_size)
     except Exception as err:  # hub errors come as OSError, HTTP and huggingface_hub types alike
@@ -163,8 +149,6 @@ def _download(spec: TeacherSpec, img_size: int) -> nn.Module:
 
 def _hub_file_sha256(timm_id: str) -> str:
     """sha256 of the hub file timm just loaded, if it sits in the huggingface cache ("" otherwise)."""
-    from huggingface_hub import try_to_load_from_cache
-
     for filename in ("model.safetensors", "pytorch_model.bin"):
         path = try_to_load_from_cache(f"timm/{timm_id}", filename)
         if isinstance(path, str) and Path(path).is_file():
@@ -181,8 +165,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         )
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path), device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -199,8 +181,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load_weights(backbone: nn.Module, path: Path, what: str) -> None:
     """Load an official DINOv2 or timm state dict into `backbone`, pos_embed resampled to its grid."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
     state = read_state_dict(path)
     try:
         # Converts DINOv2 keys (mask_token, register_tokens, w12/w3) and resamples pos_embed.
@@ -234,41 +214,3 @@ def _state_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Te
         f"{len(shapes)} shape mismatches (file vs model: {first(shapes)})" if shapes else "",
     ]
     return "; ".join(p for p in parts if p)
-
-
-def extract_features(
-    teacher: FrozenTeacher,
-    split: DeviceSplit,
-    batch_size: int,
-    console: Console | None = None,
-    quiet: bool = False,
-) -> torch.Tensor:
-    """Features (N, D) float32 on the CPU of every image of `split`, once each, in order."""
-    device = split.device
-    on_cuda = device.type == "cuda"
-    teacher = teacher.to(device)
-    view = View(teacher.img_size, teacher.mean, teacher.std, channels_last=on_cuda)
-    if on_cuda:
-        teacher = teacher.to(memory_format=torch.channels_last)
-    out = torch.empty(len(split), teacher.feature_dim, dtype=torch.float32)
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        console=console or Console(stderr=True),
-        disable=quiet,
-        transient=False,
-    )
-    start = time.perf_counter()
-    with progress, torch.inference_mode():
-        task = progress.add_task(f"{teacher.name} features", total=len(split), rate="")
-        for batch in split.batches(batch_size, view):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-                feats = teacher(batch.images)  # (B, D)
-            out[batch.index.cpu()] = feats.float().cpu()
-            done = int(batch.index[-1]) + 1
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            progress.update(task, completed=done, rate=f"{rate:.0f} img/s")
-    return out

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from medkd.cache import TeacherCache
 from medkd.cache_teacher import cache_teacher
-from medkd.config import CacheTeacherConfig, DistillConfig
+from medkd.config import CacheTeacherConfig, DistillConfig, SweepConfig
 from medkd.data import dataset_info, make_synthetic_like
 from medkd.distill import distill
 from medkd.errors import MedkdError
@@ -28,11 +28,13 @@ from medkd.report import (
     render_table,
     summarise,
 )
-from medkd.sweep import SweepConfig, expand, run_sweep, run_trial
+from medkd.sweep import expand, run_sweep
+from medkd.trials import run_trial
 
 FLAG = "octmnist"  # its task and label count (multi-class, 4 classes, grayscale); the images are synthetic
 SIZES = dict(n_train=400, n_val=100, n_test=100)
-STUDENT = dict(student="resnet18", epochs=2, batch_size=32, lr=1e-3)
+# The students see the 28 px images at 16 px: a third of the work, and the blobs stay easy to see.
+STUDENT = dict(student="resnet18", student_size=16, epochs=2, batch_size=32, lr=1e-3)
 ALPHAS, TEMPERATURES = (0.2, 0.5), (2.0, 4.0)
 
 
@@ -78,7 +80,7 @@ def run_demo(
     )
     cache = TeacherCache(cache_path)  # read once; every student run below shares it
 
-    step(3, "supervised baseline (α = 1): resnet18 student from the labels alone")
+    step(3, "supervised baseline (α = 1): resnet18 student at 16 px from the labels alone")
     common = dict(cache=str(cache_path), data_dir=str(data_dir), force=force, quiet=quiet, **STUDENT)
     distill(DistillConfig(alpha=1.0, out=str(runs / "baseline"), **common), console=console, cache=cache)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
@@ -35,3 +38,26 @@ def evaluate(task: str, y_true: np.ndarray, y_score: np.ndarray) -> dict[str, fl
         return {"auc": _mean_auc([(y, positive)]), "acc": float(np.mean((positive > 0.5) == (y == 1)))}
     auc = _mean_auc([((y == k).astype(np.float64), y_score[:, k]) for k in range(y_score.shape[1])])
     return {"auc": auc, "acc": float(np.mean(y_score.argmax(axis=1) == y))}
+
+
+@dataclass
+class BestEpoch:
+    """The best epoch so far by val AUC, for the head's and the student's training alike.
+
+    The first epoch always counts; after it a NaN AUC (a val split with one class) never beats a number,
+    and ties keep the earlier epoch. `stale` counts the epochs since the best, for early stopping.
+    """
+
+    auc: float | None = None
+    epoch: int = 0
+    stale: int = 0
+
+    def update(self, epoch: int, auc: float) -> bool:
+        """Record epoch `epoch`'s val AUC; True if it is the new best."""
+        best = self.auc
+        better = best is None or (not math.isnan(auc) and (math.isnan(best) or auc > best))
+        if better:
+            self.auc, self.epoch, self.stale = auc, epoch, 0
+        else:
+            self.stale += 1
+        return better

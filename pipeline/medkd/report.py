@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from medkd.errors import MedkdError
 from medkd.plots import plot_ablation
-from medkd.runs import CHECKPOINT, PREDICTIONS, RESULT, read_result
+from medkd.runs import CHECKPOINT, ERROR, PREDICTIONS, RESULT, RunResult, is_run_dir, read_error, read_result
 
 FORMATS = ("table", "csv", "markdown")
-ERROR = "error.json"  # left by a sweep trial that failed (medkd.sweep.run_trial)
 METRICS = ("val_auc", "val_acc", "test_auc", "test_acc")
 KIND_ORDER = {"teacher": 0, "baseline": 1, "kd": 2}
 # What makes two runs the same experiment (seed aside); shown in the table and the CSV.
@@ -53,9 +52,10 @@ CSV_FIELDS = (
 # ---------------------------------------------------------------- finding runs
 
 
-def collect_runs(runs_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """`(results, problems)` below `runs_dir`: each valid `result.json` (plus `path`, its folder), and
-    `{"run_dir", "status": "incomplete" | "broken", "reason"}` for every folder with run files but none.
+def collect_runs(runs_dir: str | Path) -> tuple[list[RunResult], list[dict[str, Any]]]:
+    """`(results, problems)` below `runs_dir`: each valid `result.json` (its `run_dir` set to the folder it
+    is in now), and `{"run_dir", "status": "incomplete" | "broken", "reason"}` for every folder with run
+    files but no valid result.
     """
     root = Path(runs_dir)
     if not root.is_dir():
@@ -63,41 +63,23 @@ def collect_runs(runs_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[
     markers = (RESULT, CHECKPOINT, PREDICTIONS, ERROR)
     folders = sorted({p.parent for name in markers for p in root.rglob(name) if p.is_file()})
     results, problems = [], []
-    for folder in folders:
-        try:
-            result = _valid_result(folder)
-        except MedkdError as err:
-            problems.append({"run_dir": str(folder), "status": "broken", "reason": str(err)})
-            continue
-        if result is not None:
-            results.append({**result, "path": str(folder)})
+    for folder in filter(is_run_dir, folders):
+        if (folder / RESULT).is_file():
+            try:
+                result = read_result(folder)
+            except MedkdError as err:
+                problems.append({"run_dir": str(folder), "status": "broken", "reason": str(err)})
+                continue
+            result.run_dir = str(folder)
+            results.append(result)
         elif (folder / ERROR).is_file():
-            problems.append({"run_dir": str(folder), "status": "broken", "reason": _error_reason(folder)})
+            reason = read_error(folder) or f"{ERROR} present (unreadable)"
+            problems.append({"run_dir": str(folder), "status": "broken", "reason": reason})
         else:
             present = ", ".join(n for n in (CHECKPOINT, PREDICTIONS) if (folder / n).is_file())
             reason = f"{present} but no {RESULT}: killed, or still running"
             problems.append({"run_dir": str(folder), "status": "incomplete", "reason": reason})
     return results, problems
-
-
-def _valid_result(folder: Path) -> dict[str, Any] | None:
-    if not (folder / RESULT).is_file():
-        return None
-    result = read_result(folder)
-    if not isinstance(result, dict) or "medkd_result" not in result:
-        raise MedkdError(f"{folder / RESULT} is not a medkd result (no 'medkd_result' key)")
-    needed = ("config", "dataset", "size", "student", "alpha", "temperature", "lr", "seed", "val", "test")
-    missing = [k for k in needed if k not in result]
-    if missing:
-        raise MedkdError(f"{folder / RESULT} lacks {', '.join(missing)}")
-    return result
-
-
-def _error_reason(folder: Path) -> str:
-    try:
-        return str(json.loads((folder / ERROR).read_text())["error"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"{ERROR} present (unreadable)"
 
 
 # ---------------------------------------------------------------- grouping over seeds
@@ -109,72 +91,72 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
     return float(array.mean()), (float(array.std(ddof=1)) if len(array) > 1 else None)
 
 
-def _run_key(result: dict[str, Any]) -> tuple:
-    cfg, baseline = result["config"], bool(result.get("baseline", result["alpha"] == 1.0))
-    teacher = result.get("teacher") or {}
+def _run_key(result: RunResult) -> tuple:
+    cfg, baseline = result.config, result.baseline
+    teacher = result.teacher or {}
     identity = (teacher.get("teacher"), teacher.get("teacher_input_size"), teacher.get("weights_sha256"))
     return (
-        result["dataset"],
-        result["size"],
+        result.dataset,
+        result.size,
         "baseline" if baseline else "kd",
         None if baseline else identity,  # a baseline learns from labels only: its teacher does not matter
-        result["student"],
-        result.get("student_size"),
-        result["alpha"],
-        None if baseline else result["temperature"],
-        result["lr"],
+        result.student,
+        result.student_size,
+        result.alpha,
+        None if baseline else result.temperature,
+        result.lr,
         cfg.get("epochs"),
         cfg.get("batch_size"),
         tuple(cfg.get("milestones") or ()),
         cfg.get("patience"),
         cfg.get("interpolation"),
         cfg.get("student_weights"),
-        (result.get("data_sha256") or {}).get("test"),  # synthetic and genuine data of one flag differ
+        result.data_sha256.get("test"),  # synthetic and genuine data of one flag differ
     )
 
 
-def _student_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def _student_row(runs: list[RunResult]) -> dict[str, Any]:
     first = runs[0]
-    baseline = _run_key(first)[2] == "baseline"
+    baseline = first.baseline
     row = {
         "kind": "baseline" if baseline else "kd",
-        "dataset": first["dataset"],
-        "size": first["size"],
-        "teacher": None if baseline else (first.get("teacher") or {}).get("teacher"),
-        "student": first["student"],
-        "student_size": first.get("student_size"),
-        "alpha": first["alpha"],
-        "temperature": None if baseline else first["temperature"],
-        "lr": first["lr"],
-        "epochs": first["config"].get("epochs"),
-        "batch_size": first["config"].get("batch_size"),
+        "dataset": first.dataset,
+        "size": first.size,
+        "teacher": None if baseline else (first.teacher or {}).get("teacher"),
+        "student": first.student,
+        "student_size": first.student_size,
+        "alpha": first.alpha,
+        "temperature": None if baseline else first.temperature,
+        "lr": first.lr,
+        "epochs": first.config.get("epochs"),
+        "batch_size": first.config.get("batch_size"),
         "n_seeds": len(runs),
-        "seeds": sorted(r["seed"] for r in runs),
-        "run_dirs": sorted(r["path"] for r in runs),
+        "seeds": sorted(r.seed for r in runs),
+        "run_dirs": sorted(r.run_dir for r in runs),
     }
     for metric in METRICS:
         split, name = metric.split("_")
-        row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([r[split][name] for r in runs])
-    row["best_epoch_mean"] = float(np.mean([r.get("best_epoch", math.nan) for r in runs]))
-    row["epochs_run_mean"] = float(np.mean([r.get("epochs_run", math.nan) for r in runs]))
-    row["wall_seconds_mean"] = float(np.mean([r.get("wall_seconds", math.nan) for r in runs]))
+        row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([getattr(r, split)[name] for r in runs])
+    row["best_epoch_mean"] = float(np.mean([r.best_epoch or math.nan for r in runs]))
+    row["epochs_run_mean"] = float(np.mean([r.epochs_run or math.nan for r in runs]))
+    row["wall_seconds_mean"] = float(np.mean([r.wall_seconds for r in runs]))
     return row
 
 
-def _teacher_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _teacher_rows(results: list[RunResult]) -> list[dict[str, Any]]:
     """One row per (dataset, teacher): its test AUC/ACC, over the distinct caches the runs used."""
     caches: dict[tuple, dict[tuple, dict[str, Any]]] = {}
     for r in results:
-        teacher = r.get("teacher")
+        teacher = r.teacher
         if not teacher or "test_auc" not in teacher:
             continue
         key = (
-            r["dataset"],
-            r["size"],
+            r.dataset,
+            r.size,
             teacher.get("teacher"),
             teacher.get("teacher_input_size"),
             teacher.get("weights_sha256"),
-            (r.get("data_sha256") or {}).get("test"),
+            r.data_sha256.get("test"),
         )
         cache_id = (teacher.get("cache"), teacher["test_auc"], teacher["test_acc"])
         caches.setdefault(key, {})[cache_id] = teacher
@@ -189,7 +171,7 @@ def _teacher_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarise(results: list[RunResult]) -> list[dict[str, Any]]:
     """Rows of mean ± std over seeds: one per teacher, per baseline config and per KD config.
 
     Each row has `kind` ("teacher", "baseline", "kd"), the GROUP_FIELDS, `n_seeds`, `seeds`,
@@ -267,8 +249,6 @@ def render_table(rows: list[dict[str, Any]], title: str = "", compact: bool = Tr
 
     `compact` moves dataset, size, lr and seeds into the title when every row shares them.
     """
-    from rich import box
-
     cells = [_display(row) for row in rows]
     keep, shared = list(range(len(HEADERS))), []
     if compact:

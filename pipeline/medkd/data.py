@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from medkd.errors import MedkdError
+from medkd.files import file_md5
 
 SPLITS = ("train", "val", "test")
 MULTILABEL = "multi-label, binary-class"
@@ -180,25 +181,6 @@ def data_sha256(images: np.ndarray, labels: np.ndarray) -> str:
     digest.update(np.ascontiguousarray(images, dtype=np.uint8))
     digest.update(np.ascontiguousarray(labels, dtype=np.int64))
     return digest.hexdigest()
-
-
-def _file_digest(path: str | os.PathLike, algorithm: str) -> str:
-    # hashlib.file_digest does this from Python 3.11; we support 3.10.
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_md5(path: str | os.PathLike) -> str:
-    """MD5 of a file's bytes (MedMNIST publishes MD5s for its .npz files)."""
-    return _file_digest(path, "md5")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes: the identity medkd records for weights, checkpoints and staged caches."""
-    return _file_digest(path, "sha256")
 
 
 def local_status(flag: str, root: str | os.PathLike | None = None, verify: bool = False) -> dict[int, str]:

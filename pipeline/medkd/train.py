@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -62,7 +62,9 @@ def evaluate_model(
 @dataclass
 class EpochStats:
     epoch: int  # 1-based
-    loss: float
+    loss: float  # mean over the epoch's training images of alpha * ce + (1 - alpha) * kd
+    ce: float  # the hard-label term
+    kd: float | None  # the T^2 * KL term; None for the supervised baseline (alpha = 1)
     lr: float
     val_auc: float
     val_acc: float
@@ -88,6 +90,7 @@ class LoopState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.MultiStepLR
     generator: torch.Generator  # CPU generator of the shuffling order: the same order on every device
+    epochs: int  # epochs the run trains in all
     epoch: int = 0  # epochs finished
 
     @classmethod
@@ -99,7 +102,7 @@ class LoopState:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, lr_milestones(epochs, milestones), gamma=0.1
         )
-        return cls(optimizer, scheduler, torch.Generator().manual_seed(seed))
+        return cls(optimizer, scheduler, torch.Generator().manual_seed(seed), epochs)
 
     def state_dict(self) -> dict:
         return {
@@ -121,60 +124,52 @@ def train_epochs(
     train: DeviceSplit,
     val: DeviceSplit,
     view: View,
+    loop: LoopState,
     *,
     teacher_logits: torch.Tensor | None,
     alpha: float,
     temperature: float,
-    epochs: int,
     batch_size: int,
-    lr: float,
-    milestones: tuple[int, ...] | None = None,
-    seed: int = 0,
-    state: LoopState | None = None,
-    on_step=None,
+    on_step: Callable[[], None] | None = None,
 ) -> Iterator[EpochStats]:
-    """Adam + MultiStepLR (×0.1) on `alpha·hard + (1−alpha)·T²·KL`, yielding stats after each epoch.
+    """Train epochs `loop.epoch + 1 … loop.epochs` on `alpha·hard + (1−alpha)·T²·KL`, yielding after each.
 
-    `teacher_logits` (N_train, C) are looked up by each batch's dataset index, never by position.
-    `state` (from `LoopState.create`, possibly loaded from a checkpoint) continues after `state.epoch`;
-    it is updated before each yield, so the caller can checkpoint it there. A NaN or inf loss raises
-    `NonFiniteLossError` at the end of its epoch, before anything of that epoch is yielded.
+    `loop` comes from `LoopState.create` (or a checkpoint); it is updated before each yield, so the
+    caller can checkpoint it there. `teacher_logits` (N_train, C) are looked up by each batch's dataset
+    index, never by position. A NaN or inf loss raises `NonFiniteLossError` at the end of its epoch,
+    before anything of that epoch is yielded.
     """
     if teacher_logits is not None and len(teacher_logits) != len(train):
         raise MedkdError(f"{len(teacher_logits)} teacher logits for {len(train)} training images")
     multilabel = is_multilabel(train.task)
-    if state is None:
-        state = LoopState.create(model, lr, epochs, milestones, seed)
-    optimizer, scheduler = state.optimizer, state.scheduler
-    for epoch in range(state.epoch + 1, epochs + 1):
+    for epoch in range(loop.epoch + 1, loop.epochs + 1):
         model.train()
-        start, step_losses = time.perf_counter(), []
-        current_lr = optimizer.param_groups[0]["lr"]
-        for step, batch in enumerate(
-            train.batches(batch_size, view, shuffle=True, generator=state.generator)
-        ):
+        start, sums = time.perf_counter(), []
+        current_lr = loop.optimizer.param_groups[0]["lr"]
+        for batch in train.batches(batch_size, view, shuffle=True, generator=loop.generator):
             teacher = teacher_logits[batch.index] if teacher_logits is not None else None  # (B, C)
             with autocast(train.device):
                 logits = model(batch.images)  # (B, C)
-            loss = kd_loss(logits.float(), teacher, batch.targets, alpha, temperature, multilabel)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            terms = kd_loss(logits.float(), teacher, batch.targets, alpha, temperature, multilabel)
+            loop.optimizer.zero_grad(set_to_none=True)
+            terms.loss.backward()
+            loop.optimizer.step()
             # Kept on the device: a .item() per step would sync the GPU every step.
-            step_losses.append(loss.detach() * len(batch.index))
+            kd = terms.kd if terms.kd is not None else torch.zeros_like(terms.ce)
+            sums.append(torch.stack([terms.loss.detach(), terms.ce.detach(), kd.detach()]) * len(batch.index))
             if on_step is not None:
-                on_step(epoch, step, len(batch.index))
-        losses = torch.stack(step_losses)  # (steps,) summed loss of each batch
-        bad = (~torch.isfinite(losses)).nonzero()
+                on_step()
+        sums = torch.stack(sums)  # (steps, 3): summed loss, ce and kd of each batch
+        bad = (~torch.isfinite(sums[:, 0])).nonzero()
         if len(bad):
             first = int(bad[0, 0])
-            raise NonFiniteLossError(losses[first].item(), epoch, first + 1, len(losses))
-        scheduler.step()
-        seen = len(train)
-        mean_loss = losses.sum().item() / seen
+            raise NonFiniteLossError(sums[first, 0].item(), epoch, first + 1, len(sums))
+        loop.scheduler.step()
+        loss, ce, kd = (sums.sum(dim=0) / len(train)).tolist()
         seconds = time.perf_counter() - start
         metrics, _ = evaluate_model(model, val, view)
-        state.epoch = epoch
+        loop.epoch = epoch
         yield EpochStats(
-            epoch, mean_loss, current_lr, metrics["auc"], metrics["acc"], seconds, seen / seconds
-        )
+            epoch, loss, ce, kd if alpha < 1 else None, current_lr, metrics["auc"], metrics["acc"],
+            seconds, len(train) / seconds,
+        )  # fmt: skip

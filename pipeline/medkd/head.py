@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -13,7 +12,7 @@ from torch import nn
 
 from medkd.config import lr_milestones
 from medkd.data import is_multilabel, num_outputs
-from medkd.metrics import evaluate, scores_from_logits
+from medkd.metrics import BestEpoch, evaluate, scores_from_logits
 
 
 @contextmanager
@@ -27,13 +26,6 @@ def _single_thread(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def _better(auc: float, best: float) -> bool:
-    # A NaN AUC (a split with one class) is worse than any number; ties keep the earlier epoch.
-    if math.isnan(auc):
-        return False
-    return math.isnan(best) or auc > best
 
 
 @torch.no_grad()
@@ -74,7 +66,7 @@ def train_head(
     loss_fn = nn.BCEWithLogitsLoss() if is_multilabel(task) else nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(seed)
 
-    best_auc, best_state, best_epoch, history = float("nan"), None, 0, []
+    best, best_state, history = BestEpoch(), None, []
     with _single_thread(x_train.device.type == "cpu"):
         for epoch in range(1, epochs + 1):
             head.train()
@@ -90,16 +82,16 @@ def train_head(
             head.eval()
             val = _metrics(head, features["val"], labels["val"], task)
             history.append({"epoch": epoch, "loss": total / n, "val_auc": val["auc"], "val_acc": val["acc"]})
-            if best_state is None or _better(val["auc"], best_auc):
-                best_auc, best_epoch, best_state = val["auc"], epoch, copy.deepcopy(head.state_dict())
+            if best.update(epoch, val["auc"]):
+                best_state = copy.deepcopy(head.state_dict())
 
     head.load_state_dict(best_state)
     head.eval().requires_grad_(False)
-    val = history[best_epoch - 1]
+    val = history[best.epoch - 1]
     test = _metrics(head, features["test"], labels["test"], task)
     info = {
         "epochs": epochs,
-        "best_epoch": best_epoch,
+        "best_epoch": best.epoch,
         "val_auc": val["val_auc"],
         "val_acc": val["val_acc"],
         "test_auc": test["auc"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,14 @@ def _kd_term(
     return kl.mean()
 
 
+class KDLoss(NamedTuple):
+    """The loss and its two terms, all scalars: `loss = alpha * ce + (1 - alpha) * kd`."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor  # the hard-label loss (CE, or BCE for multi-label)
+    kd: torch.Tensor | None  # T^2 * KL(teacher_T || student_T); None at alpha == 1 (no teacher used)
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,
@@ -41,15 +50,16 @@ def kd_loss(
     alpha: float,
     temperature: float,
     multilabel: bool = False,
-) -> torch.Tensor:
-    """Scalar `alpha * hard + (1 - alpha) * T^2 * KL`; at alpha == 1 the teacher is unused (may be None)."""
+) -> KDLoss:
+    """`alpha * hard + (1 - alpha) * T^2 * KL` with its terms; at alpha == 1 the teacher is unused (may be
+    None) and `kd` is None."""
     if not 0.0 <= alpha <= 1.0:
         raise MedkdError(f"alpha must be in [0, 1], got {alpha}")
     if not 0.0 < temperature < math.inf:
         raise MedkdError(f"temperature must be a finite number > 0, got {temperature}")
     hard = hard_loss(student_logits, target, multilabel)
     if alpha == 1.0:
-        return hard
+        return KDLoss(hard, hard, None)
     if teacher_logits is None:
         raise MedkdError(
             f"alpha={alpha} < 1 needs teacher logits (a teacher cache); only alpha=1 runs without"
@@ -61,4 +71,4 @@ def kd_loss(
         )
     # T^2 keeps the soft-target gradients on the hard loss's scale for every T, alpha = 0 included.
     soft = temperature**2 * _kd_term(student_logits, teacher_logits, temperature, multilabel)
-    return alpha * hard + (1.0 - alpha) * soft
+    return KDLoss(alpha * hard + (1.0 - alpha) * soft, hard, soft)

@@ -6,8 +6,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
+
 from medkd.errors import MedkdError
-from medkd.runs import atomic_path
+from medkd.files import atomic_path
 
 
 def _most_common(values: list[float]) -> float:
@@ -19,8 +21,6 @@ def _most_common(values: list[float]) -> float:
 def plot_ablation(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Test AUC and ACC vs α (at the most common T) and vs T (at the most common α), mean ± std over
     seeds, with the supervised baseline and the teacher as dashed lines; written as a PNG to `path`."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
-
     kd = [r for r in rows if r["kind"] == "kd"]
     if not kd:
         raise MedkdError("nothing to plot: no distillation runs (alpha < 1) were found")

@@ -10,10 +10,8 @@ import torch
 import torchvision
 from torch import nn
 
-from medkd.config import STUDENT_NAMES
 from medkd.errors import MedkdError
-
-STUDENTS = {"resnet50": torchvision.models.resnet50, "resnet18": torchvision.models.resnet18}
+from medkd.registry import STUDENTS
 
 SMALL_STEM_BELOW = 128  # px; below this the 7x7/2 conv + max-pool would discard most of a 28 px image
 
@@ -28,12 +26,12 @@ def build_student(
 ) -> nn.Module:
     """A randomly initialised ResNet `name` with `num_outputs` logits, or loaded from a state-dict file."""
     if name not in STUDENTS:
-        raise MedkdError(f"unknown student {name!r}; valid students: {', '.join(STUDENT_NAMES)}")
+        raise MedkdError(f"unknown student {name!r}; valid students: {', '.join(STUDENTS)}")
     if num_outputs < 1:
         raise MedkdError(f"num_outputs must be >= 1, got {num_outputs}")
     if image_size < 8:
         raise MedkdError(f"image_size must be >= 8 px, got {image_size}")
-    model = STUDENTS[name](weights=None, num_classes=num_outputs)
+    model = getattr(torchvision.models, STUDENTS[name])(weights=None, num_classes=num_outputs)
     if image_size < SMALL_STEM_BELOW:
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init

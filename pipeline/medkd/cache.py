@@ -28,6 +28,7 @@ import torch
 from medkd import __version__
 from medkd.data import SPLITS, data_sha256, num_outputs
 from medkd.errors import MedkdError
+from medkd.files import atomic_path
 from medkd.metrics import evaluate, scores_from_logits
 
 FORMAT_VERSION = 1
@@ -135,27 +136,68 @@ def write_cache(
     """Write a format-1 cache to `path` through a temporary file in the same folder, renamed at the end.
 
     `splits[split]` holds logits (N, C), labels (N, L) and optionally features (N, D); `split_attrs[split]`
-    its n and data_sha256; `head` the weight (C, D), bias (C,) and the HEAD_ATTRS scalars.
+    its n and data_sha256; `head` the weight (C, D), bias (C,) and the HEAD_ATTRS scalars. The schema is
+    checked before anything is written, by the same rules `TeacherCache` reads with.
     """
     path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        with h5py.File(tmp, "w") as f:
-            _write_attrs(f, {"medkd_format": FORMAT_VERSION, **attrs})
-            for split, arrays in splits.items():
-                group = f.create_group(split)
-                _write_split(group, arrays)
-                _write_attrs(group, split_attrs[split])
-            if head is not None:
-                group = f.create_group("head")
-                group.create_dataset("weight", data=np.asarray(head["weight"], dtype=np.float32))
-                group.create_dataset("bias", data=np.asarray(head["bias"], dtype=np.float32))
-                _write_attrs(group, {k: v for k, v in head.items() if k not in ("weight", "bias")})
-        os.replace(tmp, path)  # atomic on one filesystem: readers see the old file or the whole new one
-    except BaseException:  # KeyboardInterrupt too: never leave a temp file behind
-        tmp.unlink(missing_ok=True)
-        raise
+    problem = _write_problem(attrs, splits, split_attrs, head)
+    if problem:
+        raise ValueError(f"refusing to write cache {path}: it {problem}")
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        _write_attrs(f, {"medkd_format": FORMAT_VERSION, **attrs})
+        for split in SPLITS:
+            group = f.create_group(split)
+            _write_split(group, splits[split])
+            _write_attrs(group, split_attrs[split])
+        if head is not None:
+            group = f.create_group("head")
+            group.create_dataset("weight", data=np.asarray(head["weight"], dtype=np.float32))
+            group.create_dataset("bias", data=np.asarray(head["bias"], dtype=np.float32))
+            _write_attrs(group, {k: v for k, v in head.items() if k not in ("weight", "bias")})
     return path
+
+
+def _split_problem(split: str, arrays: dict[str, np.ndarray], n: int, n_classes: int) -> str:
+    """What is wrong with one split's arrays ("" if nothing): the rule for writing and reading alike."""
+    logits, labels = arrays["logits"], arrays["labels"]
+    if logits.shape != (n, n_classes) or labels.ndim != 2 or len(labels) != n:
+        return (
+            f"has /{split} logits {logits.shape} and labels {labels.shape}; expected "
+            f"({n}, {n_classes}) and ({n}, L)"
+        )
+    if not np.isfinite(logits).all():
+        return f"has NaN or inf in /{split}/logits"
+    features = arrays.get("features")
+    if features is not None and (features.ndim != 2 or len(features) != n):
+        return f"has /{split} features {features.shape}; expected ({n}, D)"
+    return ""
+
+
+def _write_problem(
+    attrs: dict[str, Any],
+    splits: dict[str, dict[str, np.ndarray]],
+    split_attrs: dict[str, dict[str, Any]],
+    head: dict[str, Any] | None,
+) -> str:
+    missing = [k for k in ROOT_ATTRS if k != "medkd_format" and k not in attrs]
+    if missing:
+        return f"lacks the attrs {', '.join(missing)}"
+    if set(splits) != set(SPLITS) or set(split_attrs) != set(SPLITS):
+        return f"has splits {sorted(splits)}; expected {', '.join(SPLITS)}"
+    for split in SPLITS:
+        if not {"n", "data_sha256"} <= set(split_attrs[split]):
+            return f"lacks the attrs n and data_sha256 of /{split}"
+        arrays = {k: np.asarray(v) for k, v in splits[split].items()}
+        problem = _split_problem(split, arrays, split_attrs[split]["n"], attrs["n_classes"])
+        if problem:
+            return problem
+    if head is not None:
+        weight = np.asarray(head["weight"])
+        features = splits["train"].get("features")
+        width = np.asarray(features).shape[1] if features is not None else weight.shape[-1]
+        if weight.shape != (attrs["n_classes"], width) or np.asarray(head["bias"]).shape != weight.shape[:1]:
+            return f"has a head of weight {weight.shape}; expected ({attrs['n_classes']}, {width})"
+    return ""
 
 
 class TeacherCache:
@@ -204,13 +246,9 @@ class TeacherCache:
                 raise self._fail(f"lacks the attrs n and data_sha256 of /{split}")
             logits, labels = group["logits"][()], group["labels"][()]
             n, c = self.split_attrs[split]["n"], self.attrs["n_classes"]
-            if logits.shape != (n, c) or labels.ndim != 2 or len(labels) != n:
-                raise self._fail(
-                    f"has /{split} logits {logits.shape} and labels {labels.shape}; expected "
-                    f"({n}, {c}) and ({n}, L)"
-                )
-            if not np.isfinite(logits).all():
-                raise self._fail(f"has NaN or inf in /{split}/logits")
+            problem = _split_problem(split, {"logits": logits, "labels": labels}, n, c)
+            if problem:
+                raise self._fail(problem)
             self.logits[split] = torch.from_numpy(logits.astype(np.float32))
             self.labels[split] = labels.astype(np.int64)
             self.has_features &= "features" in group
@@ -231,6 +269,30 @@ class TeacherCache:
             if "features" not in f[split]:
                 raise MedkdError(f"teacher cache {self.path} stores no features (made with --no-features)")
             return f[split]["features"][()]
+
+    def feature_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each split's stored features, without reading them ({} without features)."""
+        if not self.has_features:
+            return {}
+        with h5py.File(self.path, "r", locking=False) as f:
+            return {split: tuple(f[split]["features"].shape) for split in SPLITS}
+
+    def summary(self, given_path: str | None = None) -> dict[str, Any]:
+        """What a student run records about the cache it learned from (result.json's `teacher`); the path
+        is the one the run was given (`given_path`), not a staged copy's."""
+        test = self.teacher_metrics("test")
+        return {
+            "cache": str(given_path or self.path),
+            "teacher": self.attrs["teacher"],
+            "backbone": self.attrs.get("backbone"),
+            "medkd_format": self.attrs["medkd_format"],
+            "teacher_input_size": self.attrs.get("teacher_input_size"),
+            "weights_sha256": self.attrs.get("weights_sha256"),
+            "data_sha256": {s: self.split_attrs[s]["data_sha256"] for s in SPLITS},
+            "fingerprint": self.fingerprint,
+            "test_auc": test["auc"],
+            "test_acc": test["acc"],
+        }
 
     def head(self) -> torch.nn.Linear | None:
         """The stored linear head as a module, or None if the cache has none."""
@@ -302,3 +364,77 @@ def _cached_fingerprint(path: str, _mtime_ns: int, _size: int) -> str:
     except (OSError, KeyError):
         TeacherCache(path)  # says what is wrong with the file, in one line
         raise
+
+
+# ---------------------------------------------------------------- the partial outputs of stage one
+
+
+def partial_path(out: str | os.PathLike) -> Path:
+    """The temporary file stage one writes chunk by chunk, beside the cache it is for."""
+    out = Path(out)
+    return out.parent / f".{out.name}.features.partial"
+
+
+class PartialOutputs:
+    """Stage one's resumable teacher pass: `/<split>` features (N, D) float32 and, for a teacher with a
+    classifier, `/logits_<split>` (N, C), each with a `done` attr counting the rows written.
+
+    The root attr `key` names everything the outputs depend on: a file with another key, or one that
+    cannot be opened, is started anew (`note` says why). Rows are written first, then `done`, then the
+    file is flushed: a kill at any point leaves `done` at most the rows written.
+    """
+
+    def __init__(self, path: str | os.PathLike, key: str):
+        self.path, self.note = Path(path), ""
+        self.file = self._open(key)
+
+    def _open(self, key: str) -> h5py.File:
+        if self.path.exists():
+            try:
+                f = h5py.File(self.path, "a")
+            except OSError as err:
+                if "lock" in str(err):
+                    raise MedkdError(
+                        f"{self.path} is locked: another cache-teacher with the same --out is running; "
+                        f"wait for it or pass another --out"
+                    ) from err
+                self.note = f"{self.path} is damaged ({type(err).__name__}); computing features anew"
+            else:
+                if f.attrs.get("key") == key:
+                    return f
+                f.close()
+                self.note = f"{self.path} was made with other arguments; computing features anew"
+            self.path.unlink()
+        f = h5py.File(self.path, "w")
+        f.attrs["key"] = key
+        return f
+
+    def __enter__(self) -> PartialOutputs:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.file.close()
+
+    def done(self, split: str) -> int:
+        """Rows of `split` already written (0 for a split not started)."""
+        return int(self.file[split].attrs["done"]) if split in self.file else 0
+
+    def write(self, split: str, n: int, start: int, features: np.ndarray, logits: np.ndarray | None) -> None:
+        """Rows `start:start + len(features)` of `split` (n rows in all)."""
+        stop = start + len(features)
+        for name, block in ((split, features), (f"logits_{split}", logits)):
+            if block is None:
+                continue
+            if name not in self.file:
+                self.file.create_dataset(name, shape=(n, block.shape[1]), dtype=np.float32)
+            self.file[name][start:stop] = block
+            self.file[name].attrs["done"] = stop
+        self.file.flush()
+
+    def read(self, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(features, logits or None)` of a finished split, float32."""
+        logits = f"logits_{split}"
+        return (
+            torch.from_numpy(self.file[split][()]),
+            torch.from_numpy(self.file[logits][()]) if logits in self.file else None,
+        )

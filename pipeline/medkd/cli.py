@@ -1,0 +1,398 @@
+"""The `medkd` command line: click parses and loads config, one library call does the work.
+
+Only click, rich and medkd's torch-free modules (`config`, `registry`, `errors`) are imported here; the
+library (torch, timm, h5py) is imported inside the command bodies, so `medkd --help` and
+`medkd COMMAND --help` stay fast. Defaults live in the config dataclasses and the choices in the
+registries; the options below read both, so `--help` shows what a run will really use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+from click.core import ParameterSource
+from rich.console import Console
+
+from medkd import __version__
+from medkd.config import (
+    CacheTeacherConfig,
+    DistillConfig,
+    LaunchConfig,
+    SweepConfig,
+    make_config,
+    make_sweep_config,
+    read_toml,
+    section_values,
+    split_launch,
+)
+from medkd.errors import MedkdError
+from medkd.registry import INTERPOLATIONS, LAUNCHERS, POOLS, RUN_PREFIX, STUDENTS, TEACHERS
+
+# Progress and tables go to stderr; stdout carries machine-readable output (paths, CSV).
+console = Console(stderr=True)
+
+
+class MedkdGroup(click.Group):
+    """Turns a `MedkdError` into one line on stderr and exit code 1; `--debug` keeps the traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MedkdError as err:
+            if ctx.meta.get("medkd.debug"):
+                raise
+            # One line even when a message quotes a library's multi-line error text.
+            raise click.ClickException(" ".join(str(err).split())) from None
+
+
+@click.group(cls=MedkdGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="medkd")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Distil frozen vision foundation models into small CNNs for MedMNIST, via a teacher-logit cache."""
+    ctx.meta["medkd.debug"] = debug
+
+
+def given(ctx: click.Context) -> dict[str, Any]:
+    """The options the user typed (or set by env var): these override a --config file."""
+    sources = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return {k: v for k, v in ctx.params.items() if ctx.get_parameter_source(k) in sources and k != "config"}
+
+
+def file_values(ctx: click.Context) -> dict[str, Any]:
+    """`--config FILE`'s top level, then its table for this command."""
+    values = read_toml(ctx.params["config"]) if ctx.params.get("config") else {}
+    return section_values(values, ctx.info_name.replace("-", "_"))
+
+
+# ---------------------------------------------------------------- options from the dataclasses
+
+
+def option(cls: type, name: str, *decls: str, shown: Any = None, **kwargs: Any) -> Callable:
+    """`--name` for field `name` of config class `cls`, its default shown from the dataclass.
+
+    The click default only shows in `--help`: `given()` passes on what the user typed, and the
+    dataclass fills in the rest. `shown` replaces the default's text (e.g. for a derived default).
+    """
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
+    default = None if field.default is dataclasses.MISSING else field.default
+    flag = f"--{name.replace('_', '-')}"
+    if kwargs.get("is_flag"):
+        return click.option(flag, *decls, **kwargs)
+    if shown is not None:  # shown in the help text, as click's own "[default: …]" would be
+        kwargs["help"] = f"{kwargs.get('help', '')}  [default: {shown}]".strip()
+    elif default is not None:
+        kwargs.update(default=default, show_default=True)
+    return click.option(flag, *decls, **kwargs)
+
+
+def stack(*options: Callable) -> Callable:
+    """Apply click options in the order listed (top to bottom in `--help`)."""
+
+    def apply(f: Callable) -> Callable:
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return apply
+
+
+def _milestones(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated epochs like 50,75, got '{value}'") from None
+
+
+def _numbers(kind: type) -> Callable:
+    """A click callback: `0.1,0.2` → (0.1, 0.2) of `kind`."""
+
+    def parse(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple | None:
+        if value is None:
+            return None
+        try:
+            return tuple(kind(v) for v in value.split(","))
+        except ValueError:
+            example = "0,1,2" if kind is int else "0.1,0.2"
+            raise click.BadParameter(
+                f"expected comma-separated numbers like {example}, got '{value}'"
+            ) from None
+
+    return parse
+
+
+def _pairs(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple | None:
+    if value is None:
+        return None
+    try:
+        return tuple((float(t), float(a)) for t, a in (p.split(":") for p in value.split(",")))
+    except ValueError:
+        raise click.BadParameter(
+            f"expected TEMPERATURE:ALPHA pairs like 2:0.2,5:0.5, got '{value}'"
+        ) from None
+
+
+def _teachers(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> str | None:
+    """`--teacher` given once or more, each a name or a comma list: one comma-joined string, or None."""
+    items = [item.strip() for v in value for item in v.split(",") if item.strip()]
+    if not items:
+        return None
+    runs = [item for item in items if item.startswith(RUN_PREFIX)]
+    if not runs:  # backbone names: the last flag wins, as for any repeated option
+        items = [item.strip() for item in value[-1].split(",") if item.strip()]
+        if len(items) > 1:
+            raise click.BadParameter("give one backbone teacher; ensembles are of finished runs (run:PATH)")
+        if items[0] not in TEACHERS:
+            raise click.BadParameter(
+                f"'{items[0]}' is not one of {', '.join(TEACHERS)}, nor run:PATH of a finished medkd run"
+            )
+    elif len(runs) != len(items):
+        other = next(item for item in items if not item.startswith(RUN_PREFIX))
+        raise click.BadParameter(f"'{other}' cannot join an ensemble of runs; give only run:PATH values")
+    return ",".join(items)
+
+
+config_option = click.option(
+    "--config", type=click.Path(dir_okay=False), help="TOML file of options (keys = option names)."
+)
+data_dir_option = click.option(
+    "--data-dir",
+    envvar="MEDKD_DATA",
+    help="Folder of MedMNIST .npz files [env: MEDKD_DATA; else medmnist's root].",
+)
+MILESTONES_HELP = "Epochs where lr drops ×0.1 [default: epochs/2, 3·epochs/4]."
+
+
+def run_options(cls: type, force_help: str = "Overwrite an existing output.") -> Callable:
+    """Where the data is and how a run reports: shared by every command that trains."""
+    return stack(
+        data_dir_option,
+        option(
+            cls, "download", is_flag=True, help="Fetch missing MedMNIST files with medmnist's downloader."
+        ),
+        option(cls, "device", help="auto, cpu, cuda, cuda:N or mps."),
+        option(cls, "force", is_flag=True, help=force_help),
+        option(cls, "quiet", is_flag=True, help="No progress bars."),
+        config_option,
+    )
+
+
+def loop_options(cls: type, grid: bool = False) -> Callable:
+    """The optimisation: epochs, batch size, lr and its drops, and (unless a sweep's grid) the seed."""
+    options = [
+        option(cls, "epochs", type=int),
+        option(cls, "batch_size", type=int),
+        option(cls, "milestones", callback=_milestones, help=MILESTONES_HELP),
+    ]
+    if not grid:
+        options[2:2] = [option(cls, "lr", type=float)]
+        options.append(option(cls, "seed", type=int))
+    return stack(*options)
+
+
+def student_options(cls: type, grid: bool) -> Callable:
+    """The student and what it learns from: shared by `distill` and `sweep` (whose knobs are lists)."""
+    if grid:
+        knobs = [
+            option(cls, "alpha", callback=_numbers(float), shown=DistillConfig.alpha,
+                   help="Comma list of alphas, e.g. 0.1,0.2."),
+            option(cls, "temperature", callback=_numbers(float), shown=f"{DistillConfig.temperature:g}",
+                   help="Comma list of temperatures."),
+            option(cls, "pairs", callback=_pairs,
+                   help="TEMPERATURE:ALPHA pairs instead of the grid, e.g. 2:0.2,5:0.5."),
+            option(cls, "seed", callback=_numbers(int), shown=",".join(map(str, SweepConfig.seed)),
+                   help="Comma list of seeds."),
+            option(cls, "lr", callback=_numbers(float), shown=",".join(f"{v:g}" for v in SweepConfig.lr),
+                   help="Comma list of learning rates."),
+        ]  # fmt: skip
+    else:
+        knobs = [
+            option(cls, "alpha", type=float, help="Weight of the hard-label loss."),
+            option(cls, "temperature", type=float),
+        ]
+    return stack(
+        option(
+            cls, "cache", type=click.Path(dir_okay=False), help="Teacher cache from `medkd cache-teacher`."
+        ),
+        option(
+            cls, "dataset", help="MedMNIST flag, for the supervised baseline (--alpha 1) without a cache."
+        ),
+        option(cls, "size", type=int, help="MedMNIST image size (with --dataset)."),
+        *knobs,
+        option(cls, "student", type=click.Choice(tuple(STUDENTS))),
+        option(cls, "student_size", type=int, help="Student input size [default: the data's size]."),
+        option(cls, "student_weights", help="Initial student weights (a state dict or a medkd best.pt)."),
+        option(cls, "interpolation", type=click.Choice(INTERPOLATIONS)),
+        option(cls, "patience", type=int, help="Stop after this many epochs without a better val AUC."),
+    )
+
+
+# ---------------------------------------------------------------- commands
+
+
+@main.command()
+@data_dir_option
+@click.option("--verify", is_flag=True, help="Check the MD5 of each local file against medmnist.INFO.")
+def datasets(data_dir: str | None, verify: bool) -> None:
+    """List the 2D MedMNIST datasets: task, classes, split sizes, and which sizes are here."""
+    from rich.table import Table
+
+    from medkd.data import data_root, dataset_info, flags_2d, local_status
+
+    table = Table(title=f"MedMNIST v2 (2D) — local folder {data_root(data_dir)}")
+    for column in ("flag", "task", "classes", "train", "val", "test", "local sizes"):
+        table.add_column(column, justify="right" if column in ("classes", "train", "val", "test") else "left")
+    for flag in flags_2d():
+        info = dataset_info(flag)
+        status = local_status(flag, data_dir, verify=verify)
+        local = ", ".join(f"{size} ({s})" if verify else str(size) for size, s in status.items()) or "-"
+        n = info["n_samples"]
+        table.add_row(
+            flag, info["task"], str(len(info["label"])), str(n["train"]), str(n["val"]), str(n["test"]), local
+        )
+    Console().print(table)
+
+
+C = CacheTeacherConfig
+
+
+@main.command("cache-teacher")
+@option(C, "dataset", help="MedMNIST flag, e.g. breastmnist.")
+@option(C, "size", type=int, help="MedMNIST image size of the data file.")
+@click.option(
+    "--teacher",
+    multiple=True,
+    callback=_teachers,
+    help=f"{', '.join(TEACHERS)} [default: {C.teacher}]; or run:PATH, a finished medkd run "
+    "(repeat it or give a comma list for a mean-logit ensemble).",
+)
+@option(C, "weights", help="Backbone weights on disk (official dinov2_vit*14_pretrain.pth or timm).")
+@option(C, "teacher_size", type=int, help="Teacher input size (×14).")
+@option(C, "pool", type=click.Choice(POOLS))
+@option(C, "feature_batch_size", type=int)
+@click.option("--no-features", "features", flag_value=False, default=True, help="Do not store features.")
+@option(C, "out", help="Cache path [default: cache/<flag>_<size>_<teacher>.h5].")
+@loop_options(C)
+@run_options(C)
+@click.pass_context
+def cache_teacher_cmd(ctx: click.Context, **_: Any) -> None:
+    """Stage one: run the frozen teacher once, train its linear head, write the HDF5 logit cache."""
+    from medkd.cache_teacher import cache_teacher
+
+    path = cache_teacher(make_config(C, file_values(ctx), given(ctx)), console=console)
+    click.echo(str(path))
+
+
+@main.command("inspect")
+@click.argument("cache", type=click.Path(dir_okay=False))
+def inspect_cmd(cache: str) -> None:
+    """Show a cache: provenance, shapes, teacher AUC/ACC per split, and a head(features) = logits check."""
+    from medkd.cache_teacher import inspect_cache
+
+    inspect_cache(cache, console=Console())
+
+
+@main.command()
+@student_options(DistillConfig, grid=False)
+@option(DistillConfig, "out", help="Run folder [default: runs/<dataset>_<student>_a<alpha>_t<T>_s<seed>].")
+@option(
+    DistillConfig,
+    "resume",
+    is_flag=True,
+    help="Continue the run folder's interrupted run from its last epoch checkpoint.",
+)
+@loop_options(DistillConfig)
+@run_options(DistillConfig)
+@click.pass_context
+def distill(ctx: click.Context, **_: Any) -> None:
+    """Stage two: train a student from cached teacher logits (or alone with --alpha 1 --dataset FLAG)."""
+    from medkd.distill import distill as run_distill
+
+    result = run_distill(make_config(DistillConfig, file_values(ctx), given(ctx)), console=console)
+    click.echo(result.run_dir)
+
+
+L = LaunchConfig
+
+
+@main.command()
+@student_options(SweepConfig, grid=True)
+@loop_options(SweepConfig, grid=True)
+@option(
+    SweepConfig, "out", help="Sweep folder, one run folder per trial [default: runs/sweep_<cache>_<student>]."
+)
+@run_options(SweepConfig, force_help="Retrain trials whose folder holds a run of another config.")
+@option(
+    L,
+    "launcher",
+    type=click.Choice(LAUNCHERS),
+    help="Where trials run: here one after another, as Ray tasks, or as a Slurm job array (submitit).",
+)
+@option(
+    L,
+    "gpus_per_trial",
+    type=float,
+    help="GPUs per trial; fractions (Ray) pack small students onto one GPU, e.g. 0.25 for four.",
+)
+@option(L, "cpus_per_trial", type=float, help="CPUs per trial.")
+@option(L, "ray_address", help="Ray cluster to join [default: $RAY_ADDRESS, else a new one on this node].")
+@option(L, "slurm_partition", help="Slurm partition [default: the cluster's].")
+@option(L, "slurm_time_min", type=int, help="Minutes per array task.")
+@option(L, "slurm_max_parallel", type=int, help="Array tasks running at once [default: all].")
+@option(L, "slurm_trials_per_job", type=int, help="Trials packed into one array task, run one after another.")
+@option(
+    L,
+    "stage_cache",
+    help="Node-local folder (may use $TMPDIR): copy the cache there once per node, sha256-checked.",
+)
+@click.pass_context
+def sweep(ctx: click.Context, **_: Any) -> None:
+    """Grid of student runs (alpha × temperature × seed × lr) from one cache; finished trials are skipped."""
+    from medkd.sweep import run_sweep
+
+    # Launcher options may sit in the [sweep] table too; they steer where trials run, not what they are.
+    launch_file, sweep_file = split_launch(file_values(ctx))
+    launch_flags, sweep_flags = split_launch(given(ctx))
+    launch = make_config(LaunchConfig, launch_file, launch_flags)
+    sweep_cfg = make_sweep_config(sweep_file, sweep_flags)
+    run_sweep(sweep_cfg, console=console, launch=launch)
+    click.echo(str(sweep_cfg.out_path()))
+
+
+@main.command()
+@click.argument("runs_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--format", "fmt", type=click.Choice(("table", "csv", "markdown")), default="table", show_default=True
+)
+@click.option(
+    "--plot", type=click.Path(dir_okay=False), help="Write ablation curves (PNG) like the paper's Fig. 4."
+)
+def report(runs_dir: str, fmt: str, plot: str | None) -> None:
+    """Summarise every run below RUNS_DIR over seeds (mean ± std); list incomplete and broken runs."""
+    from medkd.report import report as run_report
+
+    run_report(runs_dir, fmt=fmt, plot=plot, console=console)
+
+
+@main.command()
+@click.option(
+    "--out", default="medkd-demo", show_default=True, help="Folder for data, cache, runs and report."
+)
+@click.option("--force", is_flag=True, help="Redo the demo in a folder that already holds one.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(out: str, force: bool, quiet: bool) -> None:
+    """The whole pipeline on synthetic data, on the CPU, in minutes: cache, baseline, KD, sweep, report."""
+    from medkd.demo import run_demo
+
+    run_demo(out, quiet=quiet, force=force, console=console)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

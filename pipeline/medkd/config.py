@@ -1,0 +1,437 @@
+"""Run configurations: frozen dataclasses, validated on creation, loaded from TOML with flags on top.
+
+Stage one (`CacheTeacherConfig`), stage two (`DistillConfig`), a grid of stage-two runs (`SweepConfig`)
+and where its trials run (`LaunchConfig`). Torch-free: the CLI reads their defaults for `--help`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medkd.errors import MedkdError
+from medkd.registry import INTERPOLATIONS, LAUNCHERS, POOLS, RUN_PREFIX, SLURM_CLUSTERS, STUDENTS, TEACHERS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# Options that steer where and how a run reports, not what it computes: left out of the config hash.
+RUN_OPTIONS = ("out", "force", "quiet", "data_dir", "device", "resume", "download")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise MedkdError(message)
+
+
+def _check_common(cfg: Any) -> None:
+    _check(cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}")
+    _check(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
+    _check(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
+    _check(cfg.size >= 8, f"--size must be a MedMNIST size (28, 64, 128, 224), got {cfg.size}")
+    if cfg.milestones is not None:
+        _check(all(m >= 1 for m in cfg.milestones), f"--milestones must be epochs >= 1, got {cfg.milestones}")
+    _check(
+        cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
+        f"--device must be auto, cpu, cuda[:N] or mps, got '{cfg.device}'",
+    )
+
+
+def run_teacher_paths(teacher: str) -> list[str]:
+    """The run folders of a `run:A,run:B` teacher, in order; refuses an item that is not `run:PATH`."""
+    items = [item.strip() for item in teacher.split(",")]
+    bad = [item for item in items if not item.startswith(RUN_PREFIX) or not item[len(RUN_PREFIX) :].strip()]
+    if bad:
+        raise MedkdError(
+            f"teacher '{bad[0]}' in '{teacher}' is not run:PATH; an ensemble lists only finished runs "
+            f"(run:runs/A,run:runs/B), not backbone names"
+        )
+    paths = [item[len(RUN_PREFIX) :].strip() for item in items]
+    duplicates = sorted({p for p in paths if paths.count(p) > 1})
+    if duplicates:
+        raise MedkdError(f"teacher run {duplicates[0]} is listed more than once in '{teacher}'")
+    return paths
+
+
+def lr_milestones(epochs: int, milestones: tuple[int, ...] | None) -> tuple[int, ...]:
+    """Epochs at which the lr drops ×0.1: given, else half and three quarters of the run (50, 75 of 100).
+
+    Short runs get each drop once (2 epochs: one drop after epoch 1, not ×0.01 at once) and none at 0.
+    """
+    if milestones is not None:
+        return tuple(milestones)
+    return tuple(sorted({m for m in (epochs // 2, (3 * epochs) // 4) if m >= 1}))
+
+
+@dataclass(frozen=True)
+class CacheTeacherConfig:
+    """Stage one: run a frozen teacher once over a dataset, train its linear head, write the cache."""
+
+    dataset: str
+    size: int = 28
+    teacher: str = "dinov2_vitb14"
+    weights: str | None = None
+    teacher_size: int = 224
+    pool: str = "cls"
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    milestones: tuple[int, ...] | None = None
+    feature_batch_size: int = 64
+    features: bool = True
+    out: str | None = None
+    data_dir: str | None = None
+    download: bool = False
+    device: str = "auto"
+    seed: int = 0
+    force: bool = False
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        if isinstance(self.teacher, (list, tuple)):  # TOML `teacher = ["run:A", "run:B"]`, repeated flags
+            object.__setattr__(self, "teacher", ",".join(str(t).strip() for t in self.teacher))
+        if self.teacher.startswith(RUN_PREFIX):
+            run_teacher_paths(self.teacher)  # every item run:PATH, none twice
+        else:
+            _check(
+                self.teacher in TEACHERS,
+                f"unknown teacher '{self.teacher}'; valid: {', '.join(TEACHERS)}, or run:PATH of a "
+                f"finished medkd run (comma list for an ensemble)",
+            )
+        _check(self.pool in POOLS, f"unknown --pool '{self.pool}'; valid: {', '.join(POOLS)}")
+        _check(
+            self.teacher_size % 14 == 0 and self.teacher_size > 0,
+            f"--teacher-size must be a multiple of the patch size 14 (e.g. 28, 56, 224), "
+            f"got {self.teacher_size}",
+        )
+        _check(
+            self.feature_batch_size >= 1, f"--feature-batch-size must be >= 1, got {self.feature_batch_size}"
+        )
+
+    def out_path(self) -> Path:
+        """Where the cache goes: `--out`, else `cache/<flag>_<size>_<teacher>.h5`.
+
+        A run teacher is named by its folder names: `cache/<flag>_<size>_run-<name>[+<name>...].h5`.
+        """
+        if self.out:
+            return Path(self.out)
+        if self.teacher.startswith(RUN_PREFIX):
+            name = "run-" + "+".join(Path(p).name for p in run_teacher_paths(self.teacher))
+        else:
+            name = self.teacher
+        return Path("cache") / f"{self.dataset}_{self.size}_{name}.h5"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Stage two: train a student from the cached teacher logits (or alone, with alpha=1)."""
+
+    cache: str | None = None
+    dataset: str | None = None
+    size: int = 28
+    alpha: float = 0.2
+    temperature: float = 2.0
+    student: str = "resnet50"
+    student_size: int | None = None
+    student_weights: str | None = None
+    interpolation: str = "bicubic"
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    milestones: tuple[int, ...] | None = None
+    patience: int | None = None
+    out: str | None = None
+    data_dir: str | None = None
+    download: bool = False
+    device: str = "auto"
+    seed: int = 0
+    force: bool = False
+    quiet: bool = False
+    resume: bool = False  # continue from the run folder's epoch checkpoint (last.pt) when it has one
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        _check(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
+        _check(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
+        _check(self.temperature < float("inf"), f"--temperature must be finite, got {self.temperature}")
+        _check(
+            self.student in STUDENTS,
+            f"unknown student '{self.student}'; valid: {', '.join(STUDENTS)}",
+        )
+        _check(
+            self.interpolation in INTERPOLATIONS,
+            f"unknown --interpolation '{self.interpolation}'; valid: {', '.join(INTERPOLATIONS)}",
+        )
+        _check(
+            self.student_size is None or self.student_size >= 8,
+            f"--student-size must be >= 8 pixels, got {self.student_size}",
+        )
+        _check(self.patience is None or self.patience >= 1, f"--patience must be >= 1, got {self.patience}")
+        _check(
+            self.cache is not None or self.dataset is not None,
+            "give --cache CACHE (knowledge distillation) or --dataset FLAG with --alpha 1 (baseline)",
+        )
+        _check(
+            self.cache is not None or self.alpha == 1.0,
+            f"--alpha {self.alpha} needs teacher logits: give --cache CACHE, or use --alpha 1 for the "
+            f"supervised baseline",
+        )
+
+
+def config_fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The key/value pairs of a TOML config file (keys are option names with underscores)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as err:
+        raise MedkdError(f"config file {path} not found") from err
+    except tomllib.TOMLDecodeError as err:
+        raise MedkdError(f"config file {path} is not valid TOML: {err}") from err
+
+
+COMMANDS = ("cache_teacher", "distill", "sweep")
+
+
+def section_values(file_values: dict[str, Any], command: str) -> dict[str, Any]:
+    """A config file's top-level keys, updated by its `[command]` table (one file can hold both stages)."""
+    tables = {k for k, v in file_values.items() if isinstance(v, dict)}
+    unknown = sorted(tables - set(COMMANDS))
+    if unknown:
+        raise MedkdError(
+            f"unknown config table(s) [{'], ['.join(unknown)}]; known: [{'], ['.join(COMMANDS)}]"
+        )
+    values = {k: v for k, v in file_values.items() if k not in tables}
+    return {**values, **file_values.get(command, {})}
+
+
+def make_config(cls: type, file_values: dict[str, Any], overrides: dict[str, Any]) -> Any:
+    """`cls` from its defaults, then `file_values` (a TOML file), then `overrides` (flags given)."""
+    known = config_fields(cls)
+    unknown = sorted(set(file_values) - set(known))
+    if unknown:
+        raise MedkdError(f"unknown config key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    values = {**file_values, **{k: v for k, v in overrides.items() if v is not None}}
+    if values.get("milestones") is not None:
+        values["milestones"] = tuple(int(m) for m in values["milestones"])
+    try:
+        return cls(**values)
+    except TypeError as err:  # a required field missing, e.g. --dataset for cache-teacher
+        raise MedkdError(str(err).replace("__init__() ", "")) from err
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-plain copy of a config, saved next to every output."""
+    out = dataclasses.asdict(cfg)
+    if out.get("milestones") is not None:
+        out["milestones"] = list(out["milestones"])
+    return out
+
+
+# ---------------------------------------------------------------- sweeps and launchers
+
+GRID_KEYS = ("alpha", "temperature", "seed", "lr")
+
+
+def _as_tuple(key: str, value: Any, kind: type) -> tuple:
+    """A grid value from TOML or a flag as a tuple: a scalar is a one-element list."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise MedkdError(f"sweep key '{key}' is an empty list; give at least one value")
+    try:
+        out = tuple(kind(v) for v in values)
+    except (TypeError, ValueError):
+        raise MedkdError(f"sweep key '{key}' must hold numbers, got {values!r}") from None
+    duplicates = sorted({v for v in out if out.count(v) > 1})
+    if duplicates:
+        raise MedkdError(f"sweep key '{key}' lists {', '.join(map(short_number, duplicates))} more than once")
+    return out
+
+
+def _as_pairs(value: Any) -> tuple[tuple[float, float], ...]:
+    try:
+        pairs = tuple((float(t), float(a)) for t, a in value)
+    except (TypeError, ValueError):
+        raise MedkdError(
+            f"sweep key 'pairs' must be a list of [temperature, alpha] pairs like [[2, 0.2], [5, 0.5]], "
+            f"got {value!r}"
+        ) from None
+    if not pairs:
+        raise MedkdError("sweep key 'pairs' is an empty list; give at least one [temperature, alpha] pair")
+    if len(set(pairs)) != len(pairs):
+        raise MedkdError(f"sweep key 'pairs' lists a pair more than once: {value!r}")
+    return pairs
+
+
+def short_number(value: float) -> str:
+    """`2.0` → `2`, `0.2` → `0.2`, `1e-4` → `0.0001`: short, and exact (trial names must not collide)."""
+    text = f"{value:g}"
+    return text if float(text) == value else repr(value)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A grid of distill runs: lists for the grid keys, one value for everything else.
+
+    `alpha` × `temperature` is the grid, or `pairs` lists (temperature, alpha) pairs instead (Table 4).
+    `alpha` and `temperature` left as None mean the distill defaults (0.2 and 2).
+    """
+
+    cache: str | None = None
+    dataset: str | None = None
+    size: int = 28
+    alpha: tuple[float, ...] | None = None
+    temperature: tuple[float, ...] | None = None
+    pairs: tuple[tuple[float, float], ...] | None = None
+    seed: tuple[int, ...] = (0,)
+    lr: tuple[float, ...] = (1e-3,)
+    student: str = "resnet50"
+    student_size: int | None = None
+    student_weights: str | None = None
+    interpolation: str = "bicubic"
+    epochs: int = 100
+    batch_size: int = 32
+    milestones: tuple[int, ...] | None = None
+    patience: int | None = None
+    out: str | None = None
+    data_dir: str | None = None
+    download: bool = False
+    device: str = "auto"
+    force: bool = False
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pairs is not None and (self.alpha is not None or self.temperature is not None):
+            raise MedkdError(
+                "give either pairs (a list of [temperature, alpha]) or the alpha × temperature grid, not both"
+            )
+        normal = {
+            "alpha": None if self.alpha is None else _as_tuple("alpha", self.alpha, float),
+            "temperature": None
+            if self.temperature is None
+            else _as_tuple("temperature", self.temperature, float),
+            "pairs": None if self.pairs is None else _as_pairs(self.pairs),
+            "seed": _as_tuple("seed", self.seed, int),
+            "lr": _as_tuple("lr", self.lr, float),
+        }
+        for key, value in normal.items():
+            object.__setattr__(self, key, value)
+        for trial in self.grid():  # every trial must be a valid distill config before anything runs
+            DistillConfig(**self.shared(), **trial)
+
+    def shared(self) -> dict[str, Any]:
+        """The distill options every trial has in common (everything but the grid and `out`)."""
+        skip = {*GRID_KEYS, "pairs", "out"}
+        # A distill option a sweep does not set (e.g. `resume`) keeps distill's default.
+        keys = [k for k in config_fields(DistillConfig) if k not in skip and hasattr(self, k)]
+        return {k: getattr(self, k) for k in keys}
+
+    def grid(self) -> list[dict[str, Any]]:
+        """The grid points in order: `{"alpha", "temperature", "seed", "lr"}` per trial."""
+        if self.pairs is not None:
+            points = [(a, t) for t, a in self.pairs]
+        else:
+            alphas = self.alpha if self.alpha is not None else (DistillConfig.alpha,)
+            temperatures = self.temperature if self.temperature is not None else (DistillConfig.temperature,)
+            points = list(itertools.product(alphas, temperatures))
+        return [
+            {"alpha": a, "temperature": t, "seed": s, "lr": lr}
+            for lr, (a, t), s in itertools.product(self.lr, points, self.seed)
+        ]
+
+    def out_path(self) -> Path:
+        """`--out`, else `runs/sweep_<cache name>_<student>` (or `_<dataset>_<size>` without a cache)."""
+        if self.out:
+            return Path(self.out)
+        source = Path(self.cache).stem if self.cache else f"{self.dataset}_{self.size}"
+        return Path("runs") / f"sweep_{source}_{self.student}"
+
+
+def make_sweep_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> SweepConfig:
+    """A SweepConfig from a config file's values and flags; a flag's grid replaces the file's grid.
+
+    `--alpha`/`--temperature` on the command line drop the file's `pairs`, and `--pairs` drops the
+    file's `alpha` and `temperature`, so a flag never collides with the file it overrides.
+    """
+    file_values = dict(file_values)
+    given = {k for k, v in overrides.items() if v is not None}
+    if given & {"alpha", "temperature"}:
+        file_values.pop("pairs", None)
+    if "pairs" in given:
+        file_values.pop("alpha", None)
+        file_values.pop("temperature", None)
+    return make_config(SweepConfig, file_values, overrides)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Where a sweep's trials run and what each one is given (`medkd sweep --launcher ...`)."""
+
+    launcher: str = "local"
+    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0
+    ray_address: str | None = None
+    slurm_partition: str | None = None
+    slurm_time_min: int = 60
+    slurm_max_parallel: int | None = None
+    slurm_trials_per_job: int = 1
+    slurm_cluster: str = "slurm"
+    stage_cache: str | None = None
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise MedkdError(message)
+
+        check(
+            self.launcher in LAUNCHERS, f"unknown --launcher '{self.launcher}'; valid: {', '.join(LAUNCHERS)}"
+        )
+        check(self.gpus_per_trial >= 0, f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial:g}")
+        check(self.cpus_per_trial > 0, f"--cpus-per-trial must be > 0, got {self.cpus_per_trial:g}")
+        check(self.slurm_time_min >= 1, f"--slurm-time-min must be >= 1, got {self.slurm_time_min}")
+        check(
+            self.slurm_max_parallel is None or self.slurm_max_parallel >= 1,
+            f"--slurm-max-parallel must be >= 1, got {self.slurm_max_parallel}",
+        )
+        check(
+            self.slurm_trials_per_job >= 1,
+            f"--slurm-trials-per-job must be >= 1, got {self.slurm_trials_per_job}",
+        )
+        check(
+            self.slurm_cluster in SLURM_CLUSTERS,
+            f"unknown slurm_cluster '{self.slurm_cluster}'; valid: {', '.join(SLURM_CLUSTERS)}",
+        )
+        # Options of another launcher are almost always a forgotten --launcher: say so instead of ignoring.
+        check(self.launcher == "ray" or self.ray_address is None, "--ray-address needs --launcher ray")
+        for name in ("slurm_partition", "slurm_max_parallel"):
+            check(
+                self.launcher == "slurm" or getattr(self, name) is None,
+                f"--{name.replace('_', '-')} needs --launcher slurm",
+            )
+        if self.launcher == "slurm":
+            # Slurm hands out whole CPUs and GPUs; packing several trials into one task is
+            # --slurm-trials-per-job (they run one after another on the task's GPU).
+            for name in ("gpus_per_trial", "cpus_per_trial"):
+                value = getattr(self, name)
+                check(
+                    float(value).is_integer(),
+                    f"--{name.replace('_', '-')} {value:g}: Slurm gives whole CPUs and GPUs; use "
+                    f"--launcher ray for fractions, or --slurm-trials-per-job to pack small trials",
+                )
+
+
+def split_launch(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split sweep options (flags or a `[sweep]` table) into (LaunchConfig keys, the rest)."""
+    keys = set(config_fields(LaunchConfig))
+    return {k: v for k, v in values.items() if k in keys}, {k: v for k, v in values.items() if k not in keys}

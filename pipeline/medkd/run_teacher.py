@@ -1,0 +1,248 @@
+"""Finished medkd runs as teachers: `medkd cache-teacher --teacher run:runs/NAME [--teacher run:...]`.
+
+A run folder (its `best.pt` and the config recorded in `result.json`) is rebuilt as the student network
+it trained, and its own classifier gives the logits: no head is trained. Several runs make an ensemble
+whose cached logits are the mean of the members' logits. `RunTeacher` is a `medkd.teachers.Teacher`,
+so stage one caches it like any backbone, in format 1, and `distill`, `sweep` and `report` read it
+like any other cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medkd.config import RUN_OPTIONS, run_teacher_paths
+from medkd.data import SPLITS, View
+from medkd.errors import MedkdError
+from medkd.files import file_sha256
+from medkd.registry import RUN_PREFIX
+from medkd.runs import CHECKPOINT, RESULT, RunResult, load_checkpoint, read_result
+from medkd.students import build_student
+from medkd.teachers import Teacher, TeacherOutput
+
+# How the members' logits are combined, recorded in the cache (see `ensemble_logits`).
+COMBINE = "mean_logits"
+
+
+@dataclass(frozen=True)
+class RunMember:
+    """One finished run, ready to predict: its network (eval mode, on the CPU) and what it recorded."""
+
+    path: Path
+    result: RunResult
+    model: nn.Module
+    checkpoint_sha256: str
+    checkpoint_epoch: int
+
+    @property
+    def view(self) -> View:
+        """The view the run trained and evaluated with (`distill`: student size, interpolation, 0.5/0.5)."""
+        interpolation = self.result.config.get("interpolation") or "bicubic"
+        return View(self.result.student_size, interpolation=interpolation)
+
+    def provenance(self) -> dict[str, Any]:
+        """What the cache records about this member."""
+        r = self.result
+        return {
+            "run_dir": str(self.path),
+            "student": r.student,
+            "student_size": r.student_size,
+            "interpolation": r.config.get("interpolation"),
+            "alpha": r.alpha,
+            "temperature": r.temperature,
+            "seed": r.seed,
+            "teacher": (r.teacher or {}).get("teacher"),
+            "config_hash": r.config_hash,
+            "best_sha256": self.checkpoint_sha256,
+            "best_epoch": r.best_epoch,
+            "epochs_run": r.epochs_run,
+            "val_auc": r.val["auc"],
+            "val_acc": r.val["acc"],
+            "test_auc": r.test["auc"],
+            "test_acc": r.test["acc"],
+        }
+
+
+def load_member(run_dir: str | Path) -> RunMember:
+    """Rebuild a finished run's network from its `result.json` config and `best.pt`; refuse anything else."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise MedkdError(f"teacher run folder {path} not found; give run:PATH of a finished medkd run")
+    result = read_result(path)
+    checkpoint = path / CHECKPOINT
+    if not checkpoint.is_file():
+        raise MedkdError(
+            f"teacher run {path} has no {CHECKPOINT}; it did not finish, or the file was removed: "
+            f"rerun it with `medkd distill --out {path} --force`"
+        )
+    what = f"teacher run {path}"
+    try:
+        stored = load_checkpoint(checkpoint, "a medkd checkpoint")
+    except MedkdError as err:
+        raise MedkdError(f"{what}: {err}; it must be the best.pt that `medkd distill` wrote there") from err
+    saved = stored.get("config")
+    if not isinstance(saved, dict) or _strip(saved) != _strip(result.config):
+        raise MedkdError(
+            f"{what}: {checkpoint} was saved by another run than {path / RESULT} describes "
+            f"(its config differs); put back that run's best.pt or rerun it"
+        )
+    try:
+        model = build_student(result.student, result.n_outputs, result.student_size)
+        model.load_state_dict(stored["model"], strict=True)
+    except (RuntimeError, MedkdError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise MedkdError(
+            f"{what}: {checkpoint} does not fit {result.student} with {result.n_outputs} outputs at "
+            f"{result.student_size} px ({first})"
+        ) from err
+    model.eval().requires_grad_(False)
+    return RunMember(path, result, model, file_sha256(checkpoint), int(stored.get("epoch", 0)))
+
+
+class _LogitsAndFeatures(nn.Module):
+    """A ResNet that returns `(logits, penultimate features)`: one pass gives both, logits unchanged."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.fc = model.fc
+        self.body = copy.deepcopy(model)
+        self.body.fc = nn.Identity()  # the body now ends in the pooled, flattened features
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.body(x)  # (B, D)
+        return self.fc(features), features  # (B, C), (B, D)
+
+
+def ensemble_logits(logits: list[torch.Tensor]) -> torch.Tensor:
+    """The members' logits averaged: one member is returned unchanged (bit for bit)."""
+    if len(logits) == 1:
+        return logits[0]
+    # Mean of logits, not of probabilities: the cache stores raw logits that serve every temperature,
+    # and a mean of logits is still a logit (softmax of it is the normalised geometric mean of the
+    # members' probabilities; sigmoid of it the same per label for multi-label tasks).
+    return torch.stack(logits).mean(dim=0)
+
+
+class RunTeacher(Teacher):
+    """One finished run, or a mean-logit ensemble of several, as a teacher: each member sees its own
+    view (the size and resize it trained with); features are the members' penultimate features, joined."""
+
+    has_logits = True
+
+    def __init__(self, teacher: str, members: list[RunMember]):
+        super().__init__()
+        self.members = members
+        self.nets = nn.ModuleList(_LogitsAndFeatures(m.model) for m in members)
+        self.name = teacher_label(teacher)
+        self.feature_dim = sum(net.fc.in_features for net in self.nets)
+        self.freeze()
+
+    def encode(self, images: torch.Tensor) -> TeacherOutput:
+        outputs = [net(self.prepare(images, m.view)) for m, net in zip(self.members, self.nets, strict=True)]
+        logits = ensemble_logits([lg.float() for lg, _ in outputs])  # (B, C)
+        return TeacherOutput(torch.cat([f for _, f in outputs], dim=1), logits)  # (B, D1 + D2 + ...)
+
+    def provenance(self) -> dict[str, Any]:
+        runs = [m.result for m in self.members]
+        return {
+            "backbone": _joined([r.student for r in runs]),
+            "weights_sha256": _ensemble_sha([m.checkpoint_sha256 for m in self.members]),
+            "teacher_input_size": max(int(r.student_size) for r in runs),
+            "resize": _joined([m.view.interpolation for m in self.members]),
+            "mean": list(self.members[0].view.mean),
+            "std": list(self.members[0].view.std),
+            "pool": "avgpool",  # the ResNet's global average pool, the input of its classifier
+            "random_init": False,
+            "ensemble": {"combine": COMBINE, "members": [m.provenance() for m in self.members]},
+        }
+
+    def head_record(self, metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
+        return _head(self.members, metrics)
+
+    def check_data(self, dataset: str, size: int, n_outputs: int, data_sha256: dict[str, str]) -> None:
+        for m in self.members:
+            r = m.result
+            if r.dataset != dataset or int(r.size) != int(size):
+                raise MedkdError(
+                    f"teacher run {m.path} was trained on {r.dataset} ({r.size} px); the cache is for "
+                    f"{dataset} ({size} px): pass --dataset {r.dataset} --size {r.size}, "
+                    f"or a run of {dataset}"
+                )
+            for split in SPLITS:
+                recorded = r.data_sha256.get(split)
+                if recorded is not None and recorded != data_sha256[split]:
+                    raise MedkdError(
+                        f"teacher run {m.path} was trained on other {dataset} data ({split} sha256 "
+                        f"{recorded[:12]}…) than --data-dir holds ({data_sha256[split][:12]}…); point "
+                        f"--data-dir at its data"
+                    )
+        outputs = {m.result.n_outputs for m in self.members}
+        if len(outputs) > 1:
+            raise MedkdError(f"teacher runs disagree on the number of outputs ({sorted(outputs)})")
+        if outputs != {n_outputs}:
+            raise MedkdError(f"teacher runs have {outputs.pop()} outputs; {dataset} needs {n_outputs}")
+
+    def summary(self) -> str:
+        return f"— {len(self.members)} run(s), {COMBINE}"
+
+
+def load_run_teacher(teacher: str) -> RunTeacher:
+    """The teacher `run:A[,run:B…]`: every member loaded and checked before any data is read."""
+    return RunTeacher(teacher, [load_member(p) for p in run_teacher_paths(teacher)])
+
+
+def _joined(values: list[Any]) -> str:
+    """`resnet18` when every member agrees, else `resnet18+resnet50`."""
+    values = [str(v) for v in values]
+    return values[0] if len(set(values)) == 1 else "+".join(values)
+
+
+def teacher_label(teacher: str) -> str:
+    """The cache's `teacher` attr: `run:NAME` per member (folder names), joined with `+`."""
+    return "+".join(f"{RUN_PREFIX}{Path(p).name}" for p in run_teacher_paths(teacher))
+
+
+def _ensemble_sha(shas: list[str]) -> str:
+    # One member: its best.pt's sha256, like a backbone's weights file; several: a hash of theirs, in order.
+    return shas[0] if len(shas) == 1 else hashlib.sha256("+".join(shas).encode()).hexdigest()
+
+
+def _head(members: list[RunMember], metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The classifier as a linear head on the cached features: logits = features @ weight.T + bias.
+
+    For k members on concatenated features, weight = [W1 … Wk] / k and bias = mean(b): exactly the
+    mean of the members' logits. Attrs: the run's epochs, best_epoch, lr, batch_size (one value per
+    member for an ensemble) and the val/test AUC/ACC of the cached logits.
+    """
+    k = len(members)
+    weight = torch.cat([m.model.fc.weight.detach() for m in members], dim=1) / k  # (C, D1 + … + Dk)
+    bias = torch.stack([m.model.fc.bias.detach() for m in members]).mean(dim=0)  # (C,)
+    per_member = {
+        "epochs": [int(m.result.epochs_run) for m in members],
+        "best_epoch": [int(m.result.best_epoch or m.checkpoint_epoch) for m in members],
+        "lr": [m.result.lr for m in members],
+        "batch_size": [int(m.result.config["batch_size"]) for m in members],
+    }
+    record: dict[str, Any] = {"weight": weight.numpy(), "bias": bias.numpy()}
+    record.update({key: values[0] if k == 1 else values for key, values in per_member.items()})
+    record.update(
+        val_auc=metrics["val"]["auc"],
+        val_acc=metrics["val"]["acc"],
+        test_auc=metrics["test"]["auc"],
+        test_acc=metrics["test"]["acc"],
+        members=k,
+        combine=COMBINE,
+    )
+    return record
+
+
+def _strip(config: dict[str, Any]) -> dict[str, Any]:
+    # A checkpoint whose config differs from result.json only in run options still belongs to that run.
+    return {k: v for k, v in config.items() if k not in RUN_OPTIONS}

@@ -1,0 +1,88 @@
+"""The teacher interface: what stage one needs of a teacher, whatever it is built from.
+
+A teacher takes images as the data stores them (uint8 (B, H, W) or (B, H, W, 3), on the device), makes
+its own input view (size, resize, mean/std) and returns features (B, D) and, when it has a classifier of
+its own, logits (B, C). A backbone (`medkd.backbones`) returns features only, and stage one trains a
+linear head on them; a finished run or an ensemble of runs (`medkd.run_teacher`) brings its classifier.
+Stage one (`medkd.cache_teacher`) is the same for every kind: it only talks to this interface.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from medkd.data import View, prepare_images
+
+
+class TeacherOutput(NamedTuple):
+    features: torch.Tensor  # (B, D)
+    logits: torch.Tensor | None  # (B, C), or None for a teacher without a classifier
+
+
+class Teacher(nn.Module):
+    """A frozen teacher: always in eval mode, no gradients. Subclasses set `name` and `feature_dim`,
+    build their modules, then call `freeze()`, and implement `encode` and `provenance`."""
+
+    name: str  # the cache's `teacher` attr
+    feature_dim: int
+    has_logits: bool = False
+
+    def freeze(self) -> None:
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> Teacher:
+        return super().train(False)  # frozen: dropout and friends stay off whatever the caller asks
+
+    def forward(self, images: torch.Tensor) -> TeacherOutput:
+        """uint8 images (B, H, W[, 3]) on the teacher's device → features (B, D), logits (B, C) or None."""
+        return self.encode(images)
+
+    def encode(self, images: torch.Tensor) -> TeacherOutput:
+        raise NotImplementedError
+
+    def prepare(self, images: torch.Tensor, view: View) -> torch.Tensor:
+        """The normalised (B, 3, S, S) input of `view`, channels_last on CUDA (as the modules are)."""
+        if images.device.type == "cuda" and not view.channels_last:
+            view = View(view.size, view.mean, view.std, view.interpolation, channels_last=True)
+        return prepare_images(images, view)
+
+    def to_device(self, device: torch.device) -> Teacher:
+        """Move to `device`; on CUDA also to channels_last, the faster layout for convolutions and ViTs."""
+        teacher = self.to(device)
+        return teacher.to(memory_format=torch.channels_last) if device.type == "cuda" else teacher
+
+    def provenance(self) -> dict[str, Any]:
+        """The cache's root attrs about this teacher: backbone, weights_sha256, teacher_input_size,
+        resize, mean, std, pool, random_init (and what else its kind records, e.g. `ensemble`)."""
+        raise NotImplementedError
+
+    def head_record(self, metrics: dict[str, dict[str, float]]) -> dict[str, Any] | None:
+        """The teacher's own classifier as a linear head on its features (weight, bias, HEAD_ATTRS), given
+        the val/test metrics of its logits; None when medkd must train a head (a backbone)."""
+        return None
+
+    def check_data(self, dataset: str, size: int, n_outputs: int, data_sha256: dict[str, str]) -> None:
+        """Refuse data this teacher cannot describe (a run trained on other data); nothing by default."""
+
+    def summary(self) -> str:
+        """A few words for the closing line of `medkd cache-teacher`."""
+        return ""
+
+
+@torch.inference_mode()
+def encode(teacher: Teacher, images: torch.Tensor, batch_size: int) -> TeacherOutput:
+    """`teacher` over every image of `images` (uint8, on the teacher's device) in order, `batch_size` at
+    a time: features (N, D) and logits (N, C) or None, float32 on the CPU."""
+    on_cuda = images.device.type == "cuda"
+    features, logits = [], []
+    for start in range(0, len(images), batch_size):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+            out = teacher(images[start : start + batch_size])
+        features.append(out.features.float().cpu())
+        if out.logits is not None:
+            logits.append(out.logits.float().cpu())
+    return TeacherOutput(torch.cat(features), torch.cat(logits) if logits else None)

@@ -1,0 +1,218 @@
+"""One idempotent trial, and the loop over trials that the local, Ray and Slurm launchers all run.
+
+A trial is a `DistillConfig` as a JSON-plain dict whose `out` is its run folder. What makes it safe to
+run more than once (retries, requeues, a rerun of the whole sweep) lives here: a trial whose folder
+already holds its result returns it; every file is written to a temporary name and renamed; a failure
+becomes `error.json` in its folder; the cache is opened by the process that runs the trial, read-only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from medkd.cache import TeacherCache, cache_fingerprint
+from medkd.config import DistillConfig, to_dict
+from medkd.distill import distill
+from medkd.errors import MedkdError
+from medkd.files import atomic_path, file_sha256
+from medkd.runs import (
+    ERROR,
+    RESULT,
+    RunResult,
+    config_hash,
+    read_error,
+    read_result,
+    same_experiment,
+    write_error,
+    write_trial,
+)
+
+
+def trial_config(config: dict[str, Any]) -> DistillConfig:
+    """The DistillConfig of a trial dict; a dict that is not one is one line."""
+    config = dict(config)
+    if config.get("milestones") is not None:
+        config["milestones"] = tuple(config["milestones"])
+    try:
+        cfg = DistillConfig(**config)
+    except TypeError as err:  # a key DistillConfig does not know
+        raise MedkdError(f"not a distill config: {err}".replace("__init__() ", "")) from err
+    if not cfg.out:
+        raise MedkdError("a sweep trial needs its run folder in 'out'")
+    return cfg
+
+
+def finished_result(config: dict[str, Any]) -> RunResult | None:
+    """The result of this trial if its folder already holds it; None if it has not finished.
+
+    A `result.json` of another config (or an unreadable one) is refused unless the trial has `force`.
+    """
+    cfg = trial_config(config)
+    run_dir = Path(cfg.out)
+    if not (run_dir / RESULT).exists():
+        return None
+    expected = config_hash(to_dict(cfg), cache_fingerprint(cfg.cache) if cfg.cache else None)
+    try:
+        result = read_result(run_dir)
+    except MedkdError as err:
+        result, stored = None, f"unreadable ({err})"
+    else:
+        if same_experiment(result, expected):
+            return result
+        stored = result.config_hash
+    if cfg.force:
+        return None
+    raise MedkdError(
+        f"{run_dir / RESULT} holds a run of another config (hash {stored}, this trial "
+        f"{expected}); pass --force to retrain it, or --out elsewhere"
+    )
+
+
+def run_trial(
+    config: dict[str, Any], cache: TeacherCache | None = None, console: Console | None = None
+) -> RunResult:
+    """Run one trial unless its folder already holds its result; return the result.
+
+    `cache` is a `TeacherCache` already in memory (else `distill` reads `config["cache"]`). A run that
+    fails leaves `error.json` in its folder, which `medkd report` lists, and raises.
+    """
+    cfg = trial_config(config)
+    done = finished_result(config)
+    if done is not None:
+        return done
+    run_dir = Path(cfg.out)
+    (run_dir / ERROR).unlink(missing_ok=True)  # a retry: the old failure no longer describes the folder
+    try:
+        return distill(cfg, console=console, cache=cache)
+    except Exception as err:
+        write_error(run_dir, config, err)
+        raise
+
+
+def trial_status(config: dict[str, Any]) -> tuple[str, str]:
+    """("finished", metrics) or ("failed", reason) of a trial that was run, read from its folder.
+
+    The sweep refused foreign results before it started, so a result.json here is this trial's.
+    """
+    run_dir = Path(config["out"])
+    try:
+        result = read_result(run_dir)
+    except MedkdError:
+        reason = read_error(run_dir)
+        return "failed", reason or "no result.json: the trial did not finish"
+    return "finished", (
+        f"val AUC {result.val['auc']:.4f}, test AUC {result.test['auc']:.4f} ACC {result.test['acc']:.4f}"
+    )
+
+
+def trial_env(cache: str | None, launcher: str, stage_dir: str | None) -> dict[str, Any]:
+    """What every trial gets besides its config: the cache's absolute path, and where to stage it."""
+    if cache is None:
+        return {"cache": None, "cache_sha256": None, "stage_dir": None, "launcher": launcher}
+    return {
+        "cache": str(Path(cache).resolve()),
+        # Hashed once here, so each node checks its copy against the file the sweep was started with.
+        "cache_sha256": file_sha256(cache) if stage_dir else None,
+        "stage_dir": stage_dir,
+        "launcher": launcher,
+    }
+
+
+def run_trials(
+    configs: list[dict[str, Any]],
+    env: dict[str, Any],
+    console: Console | None = None,
+    on_done: Callable[[dict[str, Any], float], None] | None = None,
+) -> list[str]:
+    """Run trials one after another in this process; return "ran"/"done"/"failed" for each.
+
+    The local launcher calls this with all its trials, a Ray task or Slurm array task with its share.
+    The cache is opened (staged first with `stage_dir`) once, when the first trial that needs training
+    starts. No exception escapes: a failure is that trial's error.json. `on_done(config, seconds)` runs
+    after each trial.
+    """
+    opened: list[TeacherCache] = []
+
+    def open_cache() -> TeacherCache | None:
+        if env["cache"] is None:
+            return None
+        if not opened:
+            path = env["cache"]
+            if env["stage_dir"]:
+                path = stage_cache(path, env["stage_dir"], env["cache_sha256"])
+            opened.append(TeacherCache(path))
+        return opened[0]
+
+    statuses = []
+    for config in configs:
+        started, start = time.time(), time.perf_counter()
+        try:
+            if finished_result(config) is not None:  # a retry or requeue of a trial that finished
+                status = "done"
+            else:
+                run_trial(config, cache=open_cache(), console=console)
+                write_trial(config["out"], trial_times(env["launcher"], started))
+                status = "ran"
+        except Exception as err:  # the trial's own failure: recorded in its folder, the others go on
+            write_error(config["out"], config, err)
+            status = "failed"
+        statuses.append(status)
+        if on_done is not None:
+            on_done(config, time.perf_counter() - start)
+    return statuses
+
+
+def trial_times(launcher: str, started: float) -> dict[str, Any]:
+    """trial.json: where the trial ran (host, pid, Slurm job) and when (epoch seconds)."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    return {
+        "launcher": launcher,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job": f"{job}_{task}" if job and task else job,
+        "started": started,
+        "finished": time.time(),
+    }
+
+
+def stage_cache(source: str | os.PathLike, stage_dir: str | os.PathLike, sha256: str) -> Path:
+    """Copy the cache `source` into `stage_dir` (node-local disk) once per node; return the checked copy.
+
+    The copy goes to a temporary name, is checked against `sha256` and only then renamed, so a reader
+    never sees a half or corrupt copy; a lock file makes trials racing on one node copy it once (and
+    the rename keeps them safe where the folder's file system ignores locks). The copy's name holds
+    the hash, so a rebuilt cache is staged anew. `stage_dir` may use `~` and `$VARS` (`$TMPDIR`),
+    expanded on the node.
+    """
+    stage_dir = Path(os.path.expandvars(os.path.expanduser(str(stage_dir))))
+    try:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MedkdError(f"cannot create the --stage-cache folder {stage_dir}: {err.strerror}") from err
+    staged = stage_dir / f"{Path(source).stem}.{sha256[:16]}.h5"
+    if staged.is_file():
+        return staged
+    with open(stage_dir / f".{staged.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if staged.is_file():  # another trial on this node staged it while we waited
+            return staged
+        with atomic_path(staged) as tmp:
+            shutil.copyfile(source, tmp)
+            copied = file_sha256(tmp)
+            if copied != sha256:
+                raise MedkdError(
+                    f"the copy of {source} in {stage_dir} has sha256 {copied[:12]}…, the cache "
+                    f"{sha256[:12]}…: "
+                    f"the cache changed during the sweep or the copy is corrupt; rerun the sweep"
+                )
+    return staged
