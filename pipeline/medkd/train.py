@@ -165,7 +165,8 @@ def train_epochs(
             first = int(bad[0, 0])
             raise NonFiniteLossError(sums[first, 0].item(), epoch, first + 1, len(sums))
         loop.scheduler.step()
-        loss, ce, kd = (sums.sum(dim=0) / len(train)).tolist()
+        # Each column summed on its own, as a 1-D tensor: the same reduction order as a loss-only loop.
+        loss, ce, kd = (sums[:, i].contiguous().sum().item() / len(train) for i in range(3))
         seconds = time.perf_counter() - start
         metrics, _ = evaluate_model(model, val, view)
         loop.epoch = epoch
