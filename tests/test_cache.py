@@ -217,3 +217,22 @@ def test_killed_writer_leaves_no_final_file(tmp_path):
             proc.kill()
     names = [p.name for p in tmp_path.iterdir()]
     assert "c.h5" not in names and len(names) == 1 and names[0].endswith(".tmp")
+
+
+@pytest.mark.parametrize(
+    "spoil,message",
+    [
+        (lambda a: a["splits"]["val"].update(logits=np.zeros((N["val"], C + 1), np.float32)), "/val logits"),
+        (lambda a: a["splits"]["test"]["logits"].__setitem__((0, 0), np.nan), "NaN or inf in /test/logits"),
+        (lambda a: a["attrs"].pop("teacher"), "lacks the attrs teacher"),
+        (lambda a: a["split_attrs"]["train"].pop("data_sha256"), "n and data_sha256 of /train"),
+        (lambda a: a["splits"].pop("test"), "expected train, val, test"),
+        (lambda a: a["head"].update(weight=np.zeros((C, D + 1), np.float32)), "head of weight"),
+    ],
+)
+def test_write_refuses_what_read_would_refuse_and_writes_nothing(tmp_path, spoil, message):
+    args = fake_cache_args(fake_arrays())
+    spoil(args)
+    with pytest.raises(ValueError, match=message):
+        write_cache(tmp_path / "c.h5", **args)
+    assert list(tmp_path.iterdir()) == []

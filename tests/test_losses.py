@@ -224,20 +224,6 @@ def test_kd_part_non_negative(s, t, T, multilabel):
     assert kd_loss(s, t, y, 0.0, T, multilabel=multilabel).loss.item() >= -1e-5
 
 
-@settings(max_examples=50, deadline=None)
-@given(s=logit_rows, T=st.floats(0.1, 100.0), multilabel=st.booleans(), data=st.data())
-def test_alpha_one_equals_hard_loss(s, T, multilabel, data):
-    s = torch.tensor(s)
-    if multilabel:
-        y = torch.tensor(
-            data.draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=s.numel(), max_size=s.numel()))
-        )
-        y = y.reshape(s.shape)
-    else:
-        y = torch.tensor(data.draw(st.lists(st.integers(0, 2), min_size=len(s), max_size=len(s))))
-    assert torch.equal(kd_loss(s, None, y, 1.0, T, multilabel=multilabel).loss, hard_loss(s, y, multilabel))
-
-
 def test_the_terms_add_up_and_the_baseline_has_no_kd_term():
     torch.manual_seed(3)
     s, t, y = torch.randn(6, 4), torch.randn(6, 4), torch.randint(0, 4, (6,))
