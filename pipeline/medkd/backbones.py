@@ -75,7 +75,7 @@ class BackboneTeacher(Teacher):
         patches = tokens[:, self.backbone.num_prefix_tokens :]  # register tokens excluded
         return torch.cat([cls, patches.mean(dim=1)], dim=1)  # (B, 2D)
 
-    def encode(self, images: torch.Tensor) -> TeacherOutput:
+    def forward(self, images: torch.Tensor) -> TeacherOutput:
         return TeacherOutput(self.features(self.prepare(images, self.view)), None)
 
     def provenance(self) -> dict[str, Any]:

@@ -112,7 +112,8 @@ def cache_teacher(cfg: CacheTeacherConfig, console: Console | None = None) -> Pa
     labels = {split: arrays[split][1] for split in SPLITS}
 
     start = time.perf_counter()
-    if teacher.has_logits:
+    has_logits = outputs["train"].logits is not None  # a teacher with a classifier of its own
+    if has_logits:
         logits = {split: outputs[split].logits.numpy() for split in SPLITS}  # (N, C)
         head = teacher.head_record({s: _metrics(task, labels[s], logits[s]) for s in ("val", "test")})
     else:
@@ -133,7 +134,7 @@ def cache_teacher(cfg: CacheTeacherConfig, console: Console | None = None) -> Pa
         out, attrs=attrs, splits=split_datasets(logits, labels, kept), split_attrs=split_attrs, head=head
     )
     partial.unlink(missing_ok=True)  # the cache is complete: a rerun has nothing to resume
-    best = "" if teacher.has_logits else f" (best epoch {head['best_epoch']}/{cfg.epochs})"
+    best = "" if has_logits else f" (best epoch {head['best_epoch']}/{cfg.epochs})"
     console.print(
         f"[bold]{teacher.name}[/] on {cfg.dataset} ({cfg.size} px {teacher.summary()}): "
         f"val AUC {head['val_auc']:.3f} ACC {head['val_acc']:.3f}, test AUC {head['test_auc']:.3f} "

@@ -30,7 +30,7 @@ from medkd.config import (
     split_launch,
 )
 from medkd.errors import MedkdError
-from medkd.registry import INTERPOLATIONS, LAUNCHERS, POOLS, RUN_PREFIX, STUDENTS, TEACHERS
+from medkd.registry import INTERPOLATIONS, LAUNCHERS, POOLS, STUDENTS, TEACHERS, is_run_teacher
 
 # Progress and tables go to stderr; stdout carries machine-readable output (paths, CSV).
 console = Console(stderr=True)
@@ -144,7 +144,7 @@ def _teachers(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ..
     items = [item.strip() for v in value for item in v.split(",") if item.strip()]
     if not items:
         return None
-    runs = [item for item in items if item.startswith(RUN_PREFIX)]
+    runs = [item for item in items if is_run_teacher(item)]
     if not runs:  # backbone names: the last flag wins, as for any repeated option
         items = [item.strip() for item in value[-1].split(",") if item.strip()]
         if len(items) > 1:
@@ -154,7 +154,7 @@ def _teachers(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ..
                 f"'{items[0]}' is not one of {', '.join(TEACHERS)}, nor run:PATH of a finished medkd run"
             )
     elif len(runs) != len(items):
-        other = next(item for item in items if not item.startswith(RUN_PREFIX))
+        other = next(item for item in items if not is_run_teacher(item))
         raise click.BadParameter(f"'{other}' cannot join an ensemble of runs; give only run:PATH values")
     return ",".join(items)
 

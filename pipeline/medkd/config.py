@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from medkd.errors import MedkdError
-from medkd.registry import INTERPOLATIONS, LAUNCHERS, POOLS, RUN_PREFIX, SLURM_CLUSTERS, STUDENTS, TEACHERS
+from medkd.registry import (
+    INTERPOLATIONS,
+    LAUNCHERS,
+    POOLS,
+    RUN_PREFIX,
+    SLURM_CLUSTERS,
+    STUDENTS,
+    TEACHERS,
+    is_run_teacher,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -97,7 +106,7 @@ class CacheTeacherConfig:
         _check_common(self)
         if isinstance(self.teacher, (list, tuple)):  # TOML `teacher = ["run:A", "run:B"]`, repeated flags
             object.__setattr__(self, "teacher", ",".join(str(t).strip() for t in self.teacher))
-        if self.teacher.startswith(RUN_PREFIX):
+        if is_run_teacher(self.teacher):
             run_teacher_paths(self.teacher)  # every item run:PATH, none twice
         else:
             _check(
@@ -122,7 +131,7 @@ class CacheTeacherConfig:
         """
         if self.out:
             return Path(self.out)
-        if self.teacher.startswith(RUN_PREFIX):
+        if is_run_teacher(self.teacher):
             name = "run-" + "+".join(Path(p).name for p in run_teacher_paths(self.teacher))
         else:
             name = self.teacher
@@ -390,32 +399,28 @@ class LaunchConfig:
     stage_cache: str | None = None
 
     def __post_init__(self) -> None:
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                raise MedkdError(message)
-
-        check(
+        _check(
             self.launcher in LAUNCHERS, f"unknown --launcher '{self.launcher}'; valid: {', '.join(LAUNCHERS)}"
         )
-        check(self.gpus_per_trial >= 0, f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial:g}")
-        check(self.cpus_per_trial > 0, f"--cpus-per-trial must be > 0, got {self.cpus_per_trial:g}")
-        check(self.slurm_time_min >= 1, f"--slurm-time-min must be >= 1, got {self.slurm_time_min}")
-        check(
+        _check(self.gpus_per_trial >= 0, f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial:g}")
+        _check(self.cpus_per_trial > 0, f"--cpus-per-trial must be > 0, got {self.cpus_per_trial:g}")
+        _check(self.slurm_time_min >= 1, f"--slurm-time-min must be >= 1, got {self.slurm_time_min}")
+        _check(
             self.slurm_max_parallel is None or self.slurm_max_parallel >= 1,
             f"--slurm-max-parallel must be >= 1, got {self.slurm_max_parallel}",
         )
-        check(
+        _check(
             self.slurm_trials_per_job >= 1,
             f"--slurm-trials-per-job must be >= 1, got {self.slurm_trials_per_job}",
         )
-        check(
+        _check(
             self.slurm_cluster in SLURM_CLUSTERS,
             f"unknown slurm_cluster '{self.slurm_cluster}'; valid: {', '.join(SLURM_CLUSTERS)}",
         )
         # Options of another launcher are almost always a forgotten --launcher: say so instead of ignoring.
-        check(self.launcher == "ray" or self.ray_address is None, "--ray-address needs --launcher ray")
+        _check(self.launcher == "ray" or self.ray_address is None, "--ray-address needs --launcher ray")
         for name in ("slurm_partition", "slurm_max_parallel"):
-            check(
+            _check(
                 self.launcher == "slurm" or getattr(self, name) is None,
                 f"--{name.replace('_', '-')} needs --launcher slurm",
             )
@@ -424,7 +429,7 @@ class LaunchConfig:
             # --slurm-trials-per-job (they run one after another on the task's GPU).
             for name in ("gpus_per_trial", "cpus_per_trial"):
                 value = getattr(self, name)
-                check(
+                _check(
                     float(value).is_integer(),
                     f"--{name.replace('_', '-')} {value:g}: Slurm gives whole CPUs and GPUs; use "
                     f"--launcher ray for fractions, or --slurm-trials-per-job to pack small trials",

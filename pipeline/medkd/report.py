@@ -19,7 +19,7 @@ from rich.table import Table
 
 from medkd.errors import MedkdError
 from medkd.plots import plot_ablation
-from medkd.runs import CHECKPOINT, ERROR, PREDICTIONS, RESULT, RunResult, is_run_dir, read_error, read_result
+from medkd.runs import CHECKPOINT, ERROR, PREDICTIONS, RESULT, RUN_MARKERS, RunResult, read_error, read_result
 
 FORMATS = ("table", "csv", "markdown")
 METRICS = ("val_auc", "val_acc", "test_auc", "test_acc")
@@ -60,10 +60,9 @@ def collect_runs(runs_dir: str | Path) -> tuple[list[RunResult], list[dict[str, 
     root = Path(runs_dir)
     if not root.is_dir():
         raise MedkdError(f"{root} is not a folder; give the folder that holds run folders (e.g. runs/)")
-    markers = (RESULT, CHECKPOINT, PREDICTIONS, ERROR)
-    folders = sorted({p.parent for name in markers for p in root.rglob(name) if p.is_file()})
+    folders = sorted({p.parent for name in RUN_MARKERS for p in root.rglob(name) if p.is_file()})
     results, problems = [], []
-    for folder in filter(is_run_dir, folders):
+    for folder in folders:
         if (folder / RESULT).is_file():
             try:
                 result = read_result(folder)

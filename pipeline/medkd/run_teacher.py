@@ -134,8 +134,6 @@ class RunTeacher(Teacher):
     """One finished run, or a mean-logit ensemble of several, as a teacher: each member sees its own
     view (the size and resize it trained with); features are the members' penultimate features, joined."""
 
-    has_logits = True
-
     def __init__(self, teacher: str, members: list[RunMember]):
         super().__init__()
         self.members = members
@@ -144,7 +142,7 @@ class RunTeacher(Teacher):
         self.feature_dim = sum(net.fc.in_features for net in self.nets)
         self.freeze()
 
-    def encode(self, images: torch.Tensor) -> TeacherOutput:
+    def forward(self, images: torch.Tensor) -> TeacherOutput:
         outputs = [net(self.prepare(images, m.view)) for m, net in zip(self.members, self.nets, strict=True)]
         logits = ensemble_logits([lg.float() for lg, _ in outputs])  # (B, C)
         return TeacherOutput(torch.cat([f for _, f in outputs], dim=1), logits)  # (B, D1 + D2 + ...)

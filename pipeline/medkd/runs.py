@@ -37,6 +37,8 @@ ERROR = "error.json"
 TRIAL = "trial.json"
 SWEEP = "sweep.json"  # in a sweep's folder: its config and trial names
 RUN_FILES = (RESULT, CHECKPOINT, PREDICTIONS, EPOCH_CHECKPOINT, ERROR, TRIAL)
+# Any of these makes a folder a run folder (finished, unfinished or failed) for `medkd report`.
+RUN_MARKERS = (RESULT, CHECKPOINT, PREDICTIONS, ERROR)
 # 2: the grid keys (alpha, temperature, lr, seed, student) live in `config` only. 1 also copied them
 # to the top level; it reads as 2.
 RESULT_FORMAT = 2
@@ -183,11 +185,6 @@ def prepare_run_dir(run_dir: Path, force: bool) -> None:
     for name in RUN_FILES:
         for leftover in temporary_files(run_dir, name):
             leftover.unlink(missing_ok=True)
-
-
-def is_run_dir(folder: Path) -> bool:
-    """Does `folder` hold any run file (finished, unfinished or failed)?"""
-    return any((folder / name).is_file() for name in (RESULT, CHECKPOINT, PREDICTIONS, ERROR))
 
 
 def write_result(run_dir: str | os.PathLike, result: RunResult) -> None:

@@ -24,11 +24,10 @@ class TeacherOutput(NamedTuple):
 
 class Teacher(nn.Module):
     """A frozen teacher: always in eval mode, no gradients. Subclasses set `name` and `feature_dim`,
-    build their modules, then call `freeze()`, and implement `encode` and `provenance`."""
+    build their modules, then call `freeze()`, and implement `forward` and `provenance`."""
 
     name: str  # the cache's `teacher` attr
     feature_dim: int
-    has_logits: bool = False
 
     def freeze(self) -> None:
         self.requires_grad_(False)
@@ -39,9 +38,6 @@ class Teacher(nn.Module):
 
     def forward(self, images: torch.Tensor) -> TeacherOutput:
         """uint8 images (B, H, W[, 3]) on the teacher's device → features (B, D), logits (B, C) or None."""
-        return self.encode(images)
-
-    def encode(self, images: torch.Tensor) -> TeacherOutput:
         raise NotImplementedError
 
     def prepare(self, images: torch.Tensor, view: View) -> torch.Tensor:
