@@ -47,7 +47,7 @@ def write_vits14_weights(folder: Path, img_size: int) -> Path:
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model(TEACHERS["dinov2_vits14"].timm_id, pretrained=False, img_size=img_size)
+    model = timm.create_model(TEACHERS["dinov2_vits14"].model_id, pretrained=False, img_size=img_size)
     path = folder / "vits14_random.pth"
     torch.save(model.state_dict(), path)
     return path

@@ -42,9 +42,9 @@ def vit_s14(img_size: int) -> BackboneTeacher:
     import timm
 
     spec = TEACHERS["dinov2_vits14"]
-    backbone = timm.create_model(spec.timm_id, pretrained=False, img_size=img_size)
+    backbone = timm.create_model(spec.model_id, pretrained=False, img_size=img_size)
     return BackboneTeacher(
-        "vit_s14", backbone, spec.timm_id, "cls", img_size, IMAGENET_MEAN, IMAGENET_STD, "", True
+        "vit_s14", backbone, spec.model_id, "cls", img_size, IMAGENET_MEAN, IMAGENET_STD, "", True
     )
 
 

@@ -29,8 +29,8 @@ def to_dinov2_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def test_registry_names_the_timm_models_and_official_files():
-    assert TEACHERS["dinov2_vitb14"].timm_id == "vit_base_patch14_dinov2.lvd142m"
-    assert TEACHERS["dinov2_vitg14_reg"].timm_id == "vit_giant_patch14_reg4_dinov2.lvd142m"
+    assert TEACHERS["dinov2_vitb14"].model_id == "vit_base_patch14_dinov2.lvd142m"
+    assert TEACHERS["dinov2_vitg14_reg"].model_id == "vit_giant_patch14_reg4_dinov2.lvd142m"
     assert TEACHERS["dinov2_vitl14_reg"].official_file == "dinov2_vitl14_reg4_pretrain.pth"
 
 

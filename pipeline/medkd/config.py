@@ -15,14 +15,20 @@ from typing import Any
 
 from medkd.errors import MedkdError
 from medkd.registry import (
+    HEADS,
     INTERPOLATIONS,
     LAUNCHERS,
+    OPTIMIZERS,
     POOLS,
     RUN_PREFIX,
+    SCHEDULES,
     SLURM_CLUSTERS,
     STUDENTS,
+    TEACHER_PREFIXES,
     TEACHERS,
     is_run_teacher,
+    is_student,
+    teacher_spec,
 )
 
 if sys.version_info >= (3, 11):
@@ -32,6 +38,9 @@ else:  # pragma: no cover
 
 # Options that steer where and how a run reports, not what it computes: left out of the config hash.
 RUN_OPTIONS = ("out", "force", "quiet", "data_dir", "device", "resume", "download")
+# Distill options added after runs existed, with the value those runs implied: at that value they stay
+# out of the config hash, so a finished run keeps its hash (sweeps skip it, --resume finds it).
+ADDED_DEFAULTS = {"optimizer": "adam", "weight_decay": 0.0, "schedule": "multistep", "warmup_epochs": 0}
 
 
 def _check(ok: bool, message: str) -> None:
@@ -68,6 +77,16 @@ def run_teacher_paths(teacher: str) -> list[str]:
     return paths
 
 
+def unknown_teacher(teacher: str) -> str:
+    """The one line for a teacher that is neither a registry name, a library id nor run:PATH."""
+    prefixes = ", ".join(f"{p}ID" for p in TEACHER_PREFIXES)
+    return (
+        f"unknown teacher '{teacher}'; valid: a name listed by `medkd teachers` "
+        f"({', '.join(list(TEACHERS)[:3])}, …), {prefixes}, "
+        f"or run:PATH of a finished medkd run (comma list for an ensemble)"
+    )
+
+
 def lr_milestones(epochs: int, milestones: tuple[int, ...] | None) -> tuple[int, ...]:
     """Epochs at which the lr drops ×0.1: given, else half and three quarters of the run (50, 75 of 100).
 
@@ -86,8 +105,12 @@ class CacheTeacherConfig:
     size: int = 28
     teacher: str = "dinov2_vitb14"
     weights: str | None = None
-    teacher_size: int = 224
-    pool: str = "cls"
+    teacher_size: int | None = None  # None: the teacher's own default input size (its registry spec)
+    pool: str | None = None  # None: the teacher's own pooling (its registry spec)
+    head: str = "linear"
+    keep_tokens: bool = False  # keep the patch tokens an attention head was trained on
+    cross_fit: int = 1  # K >= 2: out-of-fold train logits from K heads, each trained on K-1 folds
+    min_teacher_auc: float = 0.6  # refuse to write a cache whose teacher val AUC is lower (0: never)
     epochs: int = 100
     batch_size: int = 32
     lr: float = 1e-3
@@ -108,17 +131,26 @@ class CacheTeacherConfig:
             object.__setattr__(self, "teacher", ",".join(str(t).strip() for t in self.teacher))
         if is_run_teacher(self.teacher):
             run_teacher_paths(self.teacher)  # every item run:PATH, none twice
+            for name, value, default in (("head", self.head, "linear"), ("cross_fit", self.cross_fit, 1)):
+                _check(
+                    value == default,
+                    f"--{name.replace('_', '-')} {value} trains heads on a backbone's features; a run: "
+                    f"teacher brings its own classifier (leave --{name.replace('_', '-')} at {default})",
+                )
         else:
-            _check(
-                self.teacher in TEACHERS,
-                f"unknown teacher '{self.teacher}'; valid: {', '.join(TEACHERS)}, or run:PATH of a "
-                f"finished medkd run (comma list for an ensemble)",
-            )
-        _check(self.pool in POOLS, f"unknown --pool '{self.pool}'; valid: {', '.join(POOLS)}")
+            _check(teacher_spec(self.teacher) is not None, unknown_teacher(self.teacher))
+        _check(self.pool in (None, *POOLS), f"unknown --pool '{self.pool}'; valid: {', '.join(POOLS)}")
         _check(
-            self.teacher_size % 14 == 0 and self.teacher_size > 0,
-            f"--teacher-size must be a multiple of the patch size 14 (e.g. 28, 56, 224), "
-            f"got {self.teacher_size}",
+            self.teacher_size is None or self.teacher_size > 0,
+            f"--teacher-size must be a positive number of pixels, got {self.teacher_size}",
+        )
+        _check(self.head in HEADS, f"unknown --head '{self.head}'; valid: {', '.join(HEADS)}")
+        _check(
+            self.cross_fit >= 1, f"--cross-fit must be >= 2 folds (1: no cross-fitting), got {self.cross_fit}"
+        )
+        _check(
+            0.0 <= self.min_teacher_auc <= 1.0,
+            f"--min-teacher-auc must be in [0, 1] (0 disables the check), got {self.min_teacher_auc}",
         )
         _check(
             self.feature_batch_size >= 1, f"--feature-batch-size must be >= 1, got {self.feature_batch_size}"
@@ -133,8 +165,8 @@ class CacheTeacherConfig:
             return Path(self.out)
         if is_run_teacher(self.teacher):
             name = "run-" + "+".join(Path(p).name for p in run_teacher_paths(self.teacher))
-        else:
-            name = self.teacher
+        else:  # `timm:org/model.tag` → `timm-org-model.tag`: one file name, no folders
+            name = self.teacher.replace(":", "-").replace("/", "-")
         return Path("cache") / f"{self.dataset}_{self.size}_{name}.h5"
 
 
@@ -155,6 +187,10 @@ class DistillConfig:
     batch_size: int = 32
     lr: float = 1e-3
     milestones: tuple[int, ...] | None = None
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    schedule: str = "multistep"
+    warmup_epochs: int = 0
     patience: int | None = None
     out: str | None = None
     data_dir: str | None = None
@@ -171,8 +207,20 @@ class DistillConfig:
         _check(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
         _check(self.temperature < float("inf"), f"--temperature must be finite, got {self.temperature}")
         _check(
-            self.student in STUDENTS,
-            f"unknown student '{self.student}'; valid: {', '.join(STUDENTS)}",
+            is_student(self.student),
+            f"unknown student '{self.student}'; valid: {', '.join(STUDENTS)} or timm:<any timm model id>",
+        )
+        _check(
+            self.optimizer in OPTIMIZERS,
+            f"unknown --optimizer '{self.optimizer}'; valid: {', '.join(OPTIMIZERS)}",
+        )
+        _check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        _check(
+            self.schedule in SCHEDULES, f"unknown --schedule '{self.schedule}'; valid: {', '.join(SCHEDULES)}"
+        )
+        _check(
+            0 <= self.warmup_epochs < self.epochs,
+            f"--warmup-epochs must be >= 0 and below --epochs {self.epochs}, got {self.warmup_epochs}",
         )
         _check(
             self.interpolation in INTERPOLATIONS,
@@ -312,6 +360,10 @@ class SweepConfig:
     epochs: int = 100
     batch_size: int = 32
     milestones: tuple[int, ...] | None = None
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    schedule: str = "multistep"
+    warmup_epochs: int = 0
     patience: int | None = None
     out: str | None = None
     data_dir: str | None = None

@@ -25,7 +25,7 @@ import torch
 import torchvision
 
 from medkd import __version__
-from medkd.config import RUN_OPTIONS
+from medkd.config import ADDED_DEFAULTS, RUN_OPTIONS
 from medkd.errors import MedkdError
 from medkd.files import atomic_path, temporary_files, write_json
 
@@ -154,7 +154,11 @@ def legacy_config_hash(config: dict[str, Any], cache_fingerprint: str | None = N
 
 
 def _hash(config: dict[str, Any], cache_fingerprint: str | None, skip: tuple[str, ...]) -> str:
-    relevant = {k: v for k, v in config.items() if k not in skip}
+    relevant = {
+        k: v
+        for k, v in config.items()
+        if k not in skip and not (k in ADDED_DEFAULTS and ADDED_DEFAULTS[k] == v)
+    }
     if config.get("cache") is not None and cache_fingerprint is not None:
         relevant["cache"] = {"fingerprint": cache_fingerprint}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

@@ -20,6 +20,9 @@ from medkd.data import View, prepare_images
 class TeacherOutput(NamedTuple):
     features: torch.Tensor  # (B, D)
     logits: torch.Tensor | None  # (B, C), or None for a teacher without a classifier
+    # (B, T, D_tok) patch tokens (a CNN's feature map as H·W tokens), only when asked for with
+    # `with_tokens=True`: what an attention head is trained on.
+    tokens: torch.Tensor | None = None
 
 
 class Teacher(nn.Module):
@@ -36,8 +39,9 @@ class Teacher(nn.Module):
     def train(self, mode: bool = True) -> Teacher:
         return super().train(False)  # frozen: dropout and friends stay off whatever the caller asks
 
-    def forward(self, images: torch.Tensor) -> TeacherOutput:
-        """uint8 images (B, H, W[, 3]) on the teacher's device → features (B, D), logits (B, C) or None."""
+    def forward(self, images: torch.Tensor, with_tokens: bool = False) -> TeacherOutput:
+        """uint8 images (B, H, W[, 3]) on the teacher's device → features (B, D), logits (B, C) or None,
+        and with `with_tokens` the patch tokens (B, T, D_tok); a teacher without tokens raises MedkdError."""
         raise NotImplementedError
 
     def prepare(self, images: torch.Tensor, view: View) -> torch.Tensor:
@@ -70,15 +74,22 @@ class Teacher(nn.Module):
 
 
 @torch.inference_mode()
-def encode(teacher: Teacher, images: torch.Tensor, batch_size: int) -> TeacherOutput:
+def encode(
+    teacher: Teacher, images: torch.Tensor, batch_size: int, with_tokens: bool = False
+) -> TeacherOutput:
     """`teacher` over every image of `images` (uint8, on the teacher's device) in order, `batch_size` at
-    a time: features (N, D) and logits (N, C) or None, float32 on the CPU."""
+    a time: features (N, D) and logits (N, C) or None, float32 on the CPU; with `with_tokens` also the
+    tokens (N, T, D_tok) in float16 (what they are stored as)."""
     on_cuda = images.device.type == "cuda"
-    features, logits = [], []
+    features, logits, tokens = [], [], []
     for start in range(0, len(images), batch_size):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-            out = teacher(images[start : start + batch_size])
+            out = teacher(images[start : start + batch_size], with_tokens=with_tokens)
         features.append(out.features.float().cpu())
         if out.logits is not None:
             logits.append(out.logits.float().cpu())
-    return TeacherOutput(torch.cat(features), torch.cat(logits) if logits else None)
+        if with_tokens:
+            tokens.append(out.tokens.half().cpu())
+    return TeacherOutput(
+        torch.cat(features), torch.cat(logits) if logits else None, torch.cat(tokens) if tokens else None
+    )
