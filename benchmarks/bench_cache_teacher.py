@@ -112,6 +112,7 @@ def main() -> None:
         cfg = CacheTeacherConfig(
             dataset=args.dataset,
             teacher=name,
+            min_teacher_auc=0,  # random-init or synthetic teachers: the gate is not the point here
             weights=weights,
             teacher_size=size,
             epochs=args.epochs,

@@ -128,6 +128,7 @@ def main() -> None:
     cache_cfg = CacheTeacherConfig(
         dataset=FLAG,
         teacher=name,
+        min_teacher_auc=0,  # random-init or synthetic teachers: the gate is not the point here
         weights=weights,
         teacher_size=teacher_size,
         epochs=args.head_epochs,

@@ -16,6 +16,7 @@ import medkd.cache
 from medkd.cache import FORMAT_VERSION, HEAD_ATTRS, ROOT_ATTRS, TeacherCache, write_cache
 from medkd.data import SPLITS, data_sha256
 from medkd.errors import MedkdError
+from medkd.head import AttentionHead, MeanHead, head_record
 
 N = {"train": 12, "val": 6, "test": 6}
 C, D = 2, 8
@@ -91,7 +92,8 @@ def test_layout_dtypes_and_attrs_on_disk(cache_path):
             assert f[s]["features"].dtype == np.float16 and f[s]["features"].shape == (N[s], D)
             assert f[s].attrs["n"] == N[s] and len(f[s].attrs["data_sha256"]) == 64
         assert f["head/weight"].dtype == np.float32 and f["head/weight"].shape == (C, D)
-        assert f["head/bias"].shape == (C,) and set(f["head"].attrs) == set(HEAD_ATTRS)
+        assert f["head/bias"].shape == (C,) and set(f["head"].attrs) == {*HEAD_ATTRS, "kind"}
+        assert f["head"].attrs["kind"] == "linear"  # written for every head; a record without one is linear
 
 
 def test_reader_loads_into_memory_with_python_types(cache_path):
@@ -228,6 +230,12 @@ def test_killed_writer_leaves_no_final_file(tmp_path):
         (lambda a: a["split_attrs"]["train"].pop("data_sha256"), "n and data_sha256 of /train"),
         (lambda a: a["splits"].pop("test"), "expected train, val, test"),
         (lambda a: a["head"].update(weight=np.zeros((C, D + 1), np.float32)), "head of weight"),
+        (lambda a: a["head"].update(kind="mlp"), "has a /head of kind 'mlp'; known: linear, attention"),
+        (lambda a: a["head"].pop("bias"), "has no /head/weight and /head/bias"),
+        (
+            lambda a: a["splits"]["train"].update(fold=np.zeros(N["train"])),
+            "/train/fold but no root attr cross_fit",
+        ),
     ],
 )
 def test_write_refuses_what_read_would_refuse_and_writes_nothing(tmp_path, spoil, message):
@@ -236,3 +244,106 @@ def test_write_refuses_what_read_would_refuse_and_writes_nothing(tmp_path, spoil
     with pytest.raises(ValueError, match=message):
         write_cache(tmp_path / "c.h5", **args)
     assert list(tmp_path.iterdir()) == []
+
+
+def attention_record(seed=0, n_outputs=C, dim=6):
+    torch.manual_seed(seed)
+    return head_record(AttentionHead(dim, n_outputs, num_heads=2))
+
+
+def test_a_cache_from_before_head_kinds_and_folds_reads_unchanged(cache_path):
+    with h5py.File(cache_path, "a") as f:  # what a cache written before `kind` and `cross_fit` holds
+        del f["head"].attrs["kind"]
+        if "cross_fit" in f.attrs:
+            del f.attrs["cross_fit"]
+    cache = TeacherCache(cache_path)
+    assert cache.head_kind == "linear" and cache.cross_fit == 1 and cache.folds is None
+    assert cache.fold_heads() == [] and cache.fold_head_attrs == [] and cache.kept_tokens() is None
+    head = cache.head()
+    assert isinstance(head, torch.nn.Linear) and torch.equal(head.weight, cache.head_weight)
+    torch.testing.assert_close(head(torch.from_numpy(cache.features("val")).float()), cache.logits["val"])
+
+
+def test_attention_head_round_trip(tmp_path):
+    args = fake_cache_args(fake_arrays())
+    record = attention_record()
+    args["head"] = {**record, **{k: args["head"][k] for k in HEAD_ATTRS}}
+    cache = TeacherCache(write_cache(tmp_path / "c.h5", **args))
+    assert cache.head_kind == "attention" and cache.head_attrs["num_heads"] == 2 and cache.head_weight is None
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        assert set(f["head/state"]) == set(record["state"]) and "weight" not in f["head"]
+    head = cache.head()
+    assert isinstance(head, AttentionHead) and not any(p.requires_grad for p in head.parameters())
+    for key, value in record["state"].items():
+        np.testing.assert_array_equal(head.state_dict()[key].numpy(), value)
+
+
+def crossfit_args(k=2):
+    args = fake_cache_args(fake_arrays())
+    weights = [np.random.default_rng(i).normal(size=(C, D)).astype(np.float32) for i in range(k)]
+    args["attrs"]["cross_fit"] = k
+    args["splits"]["train"]["fold"] = np.arange(N["train"]) % k
+    args["fold_heads"] = [
+        {
+            "kind": "linear",
+            "weight": w,
+            "bias": np.zeros(C, np.float32),
+            **{a: args["head"][a] for a in HEAD_ATTRS},
+        }
+        for w in weights
+    ]
+    args["head"] = {"kind": "linear", **{a: args["head"][a] for a in HEAD_ATTRS}, "best_epoch": [2] * k}
+    return args
+
+
+def test_cross_fitted_heads_round_trip(tmp_path):
+    args = crossfit_args(k=3)
+    cache = TeacherCache(write_cache(tmp_path / "c.h5", **args))
+    assert cache.cross_fit == 3 and cache.head_attrs["best_epoch"] == (2, 2, 2) and cache.head_weight is None
+    np.testing.assert_array_equal(cache.folds, np.arange(N["train"]) % 3)
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        assert (
+            set(f["heads"]) == {"0", "1", "2"}
+            and f["train/fold"].dtype == np.int64
+            and "weight" not in f["head"]
+        )
+    heads = cache.fold_heads()
+    for head, record in zip(heads, args["fold_heads"], strict=True):
+        np.testing.assert_array_equal(head.weight.numpy(), record["weight"])
+    mean = cache.head()
+    x = torch.from_numpy(cache.features("val")).float()
+    assert isinstance(mean, MeanHead)
+    torch.testing.assert_close(mean(x), torch.stack([h(x) for h in heads]).mean(0))
+
+
+@pytest.mark.parametrize(
+    "spoil,message",
+    [
+        (lambda a: a["splits"]["train"].pop("fold"), "has cross_fit 2 but no /train/fold"),
+        (
+            lambda a: a["splits"]["train"].update(fold=np.zeros(N["train"], np.int64)),
+            "other than every fold 0..1",
+        ),
+        (lambda a: a["fold_heads"].pop(), "has cross_fit 2 but 1 heads under /heads"),
+        (lambda a: a["fold_heads"][1].update(kind="attention"), "has an attention /heads/1 with classifier"),
+        (
+            lambda a: a["fold_heads"].__setitem__(
+                1, {**attention_record(n_outputs=C + 1), "kind": "attention"}
+            ),
+            r"classifier \(3, 6\)",
+        ),
+    ],
+)
+def test_write_refuses_bad_folds_and_fold_heads(tmp_path, spoil, message):
+    args = crossfit_args()
+    spoil(args)
+    with pytest.raises(ValueError, match=message):
+        write_cache(tmp_path / "c.h5", **args)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reader_refuses_a_cross_fitted_cache_that_lost_its_folds(tmp_path):
+    path = write_cache(tmp_path / "c.h5", **crossfit_args())
+    with h5py.File(path, "a") as f:
+        del f["train/fold"]
+    one_line_error(path, "has cross_fit 2 but no /train/fold of shape")

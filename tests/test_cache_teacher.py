@@ -1,6 +1,9 @@
-"""Stage one end to end: `cache_teacher` and `medkd cache-teacher` / `medkd inspect` on synthetic data."""
+"""Stage one end to end: `cache_teacher` and `medkd cache-teacher` / `medkd inspect` on synthetic data:
+the linear and the attention head, kept and removed tokens, a resumed token pass, the teacher quality gate."""
 
+import io
 import json
+import re
 
 import h5py
 import numpy as np
@@ -8,15 +11,19 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import tiny_cache_config
+from rich.console import Console
 
 import medkd.cache_teacher
 from medkd import __version__
-from medkd.cache import ROOT_ATTRS, TeacherCache
+from medkd.cache import ROOT_ATTRS, TeacherCache, chance_metrics, tokens_path
 from medkd.cache_teacher import cache_teacher, inspect_cache
 from medkd.cli import main
 from medkd.config import to_dict
 from medkd.data import SPLITS, data_sha256, load_arrays
 from medkd.errors import MedkdError
+from medkd.head import AttentionHead
+from medkd.partial import partial_path, tokens_partial_path
+from medkd.teachers import encode
 
 EXTRA_ATTRS = ("pool", "random_init", "feature_seconds", "head_seconds", "images_per_second", "config")
 
@@ -109,12 +116,12 @@ def run_cli(*args):
         (["--dataset", "nosuchmnist"], "unknown dataset flag 'nosuchmnist'; valid: "),
         (
             ["--dataset", "breastmnist", "--teacher", "dinov3"],
-            "'--teacher': 'dinov3' is not one of",
+            "unknown teacher 'dinov3'; valid:",
         ),
         (["--dataset", "breastmnist", "--weights", "missing.pth"], "weights file missing.pth not found"),
         (
             ["--dataset", "breastmnist", "--teacher-size", "30"],
-            "--teacher-size must be a multiple of",
+            "must be a multiple of the patch size",
         ),
     ],
 )
@@ -170,11 +177,178 @@ def test_cli_cache_teacher_prints_the_path(synthetic_root, tmp_path):
         "--out",
         str(out),
         "--quiet",
+        "--min-teacher-auc",
+        "0",
     )
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out)
     with h5py.File(out, "r", locking=False) as f:
         assert f.attrs["task"] == "ordinal-regression" and f["train/logits"].shape == (96, 5)
+
+
+def count_teacher_chunks(monkeypatch, fail_at=None):
+    """Count the teacher's chunks of images; with `fail_at`, die (like a kill) in that chunk."""
+    original, calls = medkd.cache_teacher.encode, []
+
+    def counted(teacher, images, *args, **kwargs):
+        calls.append(len(images))
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return original(teacher, images, *args, **kwargs)
+
+    monkeypatch.setattr(medkd.cache_teacher, "encode", counted)
+    return calls
+
+
+def read_tokens(path):
+    with h5py.File(path, "r") as f:
+        return {split: f[split][()] for split in SPLITS}
+
+
+@pytest.fixture(scope="module")
+def attention(synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("attention") / "bm.h5"
+    cfg = quick_config(
+        synthetic_root, out, head="attention", keep_tokens=True, epochs=2, feature_batch_size=16
+    )
+    return cfg, cache_teacher(cfg)
+
+
+def test_attention_head_is_stored_and_reproduces_the_logits_on_the_kept_tokens(attention, synthetic_root):
+    cfg, path = attention
+    assert sorted(p.name for p in path.parent.iterdir()) == ["bm.h5", "bm.tokens.h5"]  # no partial files
+    cache = TeacherCache(path)
+    assert cache.head_kind == "attention" and cache.head_attrs["num_heads"] == 1 and cache.head_weight is None
+    with h5py.File(path, "r") as f:
+        assert f["head"].attrs["kind"] == "attention" and "weight" not in f["head"]
+        assert f["head/state/classifier.weight"].shape == (2, 48) and f["head/state/query"].shape == (
+            1,
+            1,
+            48,
+        )
+        assert f.attrs["cross_fit"] == 1 and "fold" not in f["train"] and "heads" not in f
+    assert cache.kept_tokens() == path.parent / "bm.tokens.h5"
+    tokens = read_tokens(cache.kept_tokens())
+    head = cache.head()
+    assert isinstance(head, AttentionHead)
+    for split in SPLITS:
+        assert tokens[split].dtype == np.float16 and tokens[split].shape == (
+            cache.split_attrs[split]["n"],
+            4,
+            48,
+        )
+        logits = head(torch.from_numpy(tokens[split]))  # the stored state, on the stored tokens
+        torch.testing.assert_close(logits, cache.logits[split], rtol=0, atol=1e-5)
+    # The kept tokens are the teacher's own patch tokens (2x2 patches of 14 px, 48 wide), in order.
+    teacher = medkd.cache_teacher.load_teacher(cfg)
+    images = torch.from_numpy(load_arrays("breastmnist", 28, synthetic_root)["val"][0])
+    expected = encode(teacher, images, cfg.feature_batch_size, with_tokens=True).tokens
+    np.testing.assert_array_equal(tokens["val"], expected.numpy())
+    facts = inspect_cache(path)
+    assert facts["head_check"]["status"] == "ok" and facts["head_check"]["max_abs_diff"] <= 1e-5
+    assert facts["head_check"]["note"] == "attention head: checked on kept tokens"
+    result = run_cli("inspect", str(path))
+    assert "head(tokens) = logits: ok (attention head: checked on kept tokens" in result.output
+
+
+def test_attention_cache_without_its_tokens_says_so(attention, tmp_path):
+    copy = tmp_path / "bm.h5"
+    copy.write_bytes(attention[1].read_bytes())  # the cache alone, without its tokens file
+    cache = TeacherCache(copy)
+    assert cache.kept_tokens() is None and isinstance(cache.head(), AttentionHead)
+    facts = inspect_cache(copy)
+    assert facts["head_check"]["status"] == "tokens not kept"
+    assert "head(tokens) = logits: attention head (tokens not kept)" in run_cli("inspect", str(copy)).output
+    (tmp_path / "bm.tokens.h5").write_bytes(attention[1].with_name("bm.tokens.h5").read_bytes())
+    assert TeacherCache(copy).kept_tokens() is not None  # a copy of the pair still matches
+    with h5py.File(tmp_path / "bm.tokens.h5", "a") as f:
+        f.attrs["cache_fingerprint"] = "another cache"
+    assert TeacherCache(copy).kept_tokens() is None  # tokens of another cache are not its own
+
+
+def test_tokens_are_removed_unless_kept(synthetic_root, tmp_path):
+    out = tmp_path / "c.h5"
+    cache_teacher(quick_config(synthetic_root, out, head="attention", keep_tokens=True, epochs=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "c.tokens.h5"]
+    cache_teacher(quick_config(synthetic_root, out, head="attention", epochs=1, force=True))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.h5"]  # the replaced cache's tokens went with it
+    assert inspect_cache(out)["head_check"]["status"] == "tokens not kept"
+
+
+def test_killed_token_pass_resumes_after_the_last_complete_chunk(synthetic_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(medkd.cache_teacher, "FEATURE_CHUNK_BATCHES", 2)  # chunks of 32 images
+    args = dict(head="attention", keep_tokens=True, epochs=2, feature_batch_size=16)
+    reference = cache_teacher(quick_config(synthetic_root, tmp_path / "ref" / "c.h5", **args))
+    out = tmp_path / "c.h5"
+    with monkeypatch.context() as m:
+        count_teacher_chunks(m, fail_at=3)  # train (96 images) is chunks 1-3: killed in the third
+        with pytest.raises(KeyboardInterrupt):
+            cache_teacher(quick_config(synthetic_root, out, **args))
+    partial, tokens = partial_path(out), tokens_partial_path(out)
+    assert not out.exists() and partial.exists() and tokens.exists()
+    with h5py.File(tokens, "r") as f:
+        assert f["train"].attrs["done"] == 64 and f["train"].dtype == np.float16 and "val" not in f
+        assert f["train"].chunks[1:] == (4, 48)  # chunks of whole token rows
+
+    calls = count_teacher_chunks(monkeypatch)
+    cache_teacher(quick_config(synthetic_root, out, **args))
+    assert calls == [32, 32, 32]  # the last train chunk, then val and test: the first two are not redone
+    assert not partial.exists() and not tokens.exists()
+    expected, got = read_tokens(tokens_path(reference)), read_tokens(tokens_path(out))
+    for split in SPLITS:
+        np.testing.assert_array_equal(got[split], expected[split], err_msg=split)
+        torch.testing.assert_close(TeacherCache(out).logits[split], TeacherCache(reference).logits[split])
+
+
+def test_a_teacher_near_chance_is_refused_and_a_rerun_resumes(synthetic_root, tmp_path, monkeypatch):
+    out = tmp_path / "c.h5"
+    stream = io.StringIO()
+    console = Console(file=stream, width=400)
+    with pytest.raises(MedkdError) as err:
+        cache_teacher(quick_config(synthetic_root, out, min_teacher_auc=0.99), console=console)
+    message = str(err.value)
+    auc = float(
+        re.search(r"teacher val AUC (\d\.\d{3}) is below --min-teacher-auc 0.99 \(chance: 0.5\)", message)[1]
+    )
+    assert (
+        f"{out} not written; pass --min-teacher-auc 0 to write it anyway" in message and "\n" not in message
+    )
+    assert str(partial_path(out)) in message and "so that rerun only retrains the head" in message
+    assert [p.name for p in tmp_path.iterdir()] == [partial_path(out).name]  # no cache, no temporary file
+    val = load_arrays("breastmnist", 28, synthetic_root)["val"][1][:, 0]
+    majority = np.bincount(val).max() / len(val)
+    assert f"val AUC {auc:.3f}" in stream.getvalue()
+    assert f"(chance: AUC 0.5, ACC {majority:.3f} val /" in stream.getvalue()
+
+    calls = count_teacher_chunks(monkeypatch)
+    cache = TeacherCache(cache_teacher(quick_config(synthetic_root, out, min_teacher_auc=0)))
+    assert calls == []  # the teacher's outputs were kept: only the head was trained again
+    assert cache.teacher_metrics("val")["auc"] == pytest.approx(auc, abs=5e-4)
+    assert inspect_cache(out)["splits"]["val"]["chance_acc"] == pytest.approx(majority)
+    out.unlink()
+    args = ["--dataset", "breastmnist", "--teacher", "tiny", "--teacher-size", "28", "--epochs", "3"]
+    result = run_cli(
+        "cache-teacher",
+        *args,
+        "--data-dir",
+        str(synthetic_root),
+        "--out",
+        str(out),
+        "--min-teacher-auc",
+        "0.99",
+    )
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1 and "pass --min-teacher-auc 0" in errors[0], (
+        result.output
+    )
+    assert not out.exists()
+
+
+def test_chance_levels():
+    assert chance_metrics("binary-class", np.array([[0], [1], [1], [1]])) == {"auc": 0.5, "acc": 0.75}
+    assert chance_metrics("multi-class", np.array([[2], [0], [2], [1], [2]]))["acc"] == pytest.approx(0.6)
+    labels = np.array([[1, 0], [1, 0], [0, 0], [1, 1]])  # label 0: 3/4 positive, label 1: 3/4 negative
+    assert chance_metrics("multi-label, binary-class", labels)["acc"] == pytest.approx(0.75)
 
 
 @pytest.mark.realdata

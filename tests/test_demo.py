@@ -29,7 +29,20 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert runs == ["baseline", *(f"sweep/a{a}_t{t}_s0" for a in ("0.2", "0.5") for t in ("2", "4"))]
     assert result.output.count("skipped (finished)") == 1  # the sweep reuses the KD run
     assert json.loads((out / "runs" / "baseline" / "result.json").read_text())["baseline"]
-    assert (out / "cache" / "octmnist_28_tiny.h5").is_file() and (out / "data" / "octmnist.npz").is_file()
+    assert (out / "cache" / "octmnist_28_run-teacher.h5").is_file() and (
+        out / "data" / "octmnist.npz"
+    ).is_file()
+    # The teacher is a run trained first (outside runs/, so not a row of the students' report).
+    teacher = json.loads((out / "teacher" / "result.json").read_text())
+    assert teacher["config"]["epochs"] > teacher_epochs_of_students(out)
+    # The closing sentence says what the table shows: the best KD run on val against the baseline, on test.
+    results = [json.loads(p.read_text()) for p in (out / "runs" / "sweep").glob("*/result.json")]
+    best = max(results, key=lambda r: (r["val"]["auc"], r["val"]["acc"]))["test"]
+    base = json.loads((out / "runs" / "baseline" / "result.json").read_text())["test"]
+    sentence = next(line for line in result.output.splitlines() if line.startswith("Distillation "))
+    assert f"test ACC {best['acc']:.3f}" in sentence and f"against {base['acc']:.3f}" in sentence
+    assert ("helped" in sentence) == (best["acc"] > base["acc"] and best["auc"] >= base["auc"])
 
-    again = CliRunner().invoke(main, ["demo", "--out", "demo"])
-    assert again.exit_code != 0 and "--force" in again.output
+
+def teacher_epochs_of_students(out) -> int:
+    return json.loads((out / "runs" / "baseline" / "result.json").read_text())["config"]["epochs"]

@@ -99,7 +99,7 @@ def test_run_folder_is_complete_for_every_task(synthetic_root, caches, tmp_path,
 def test_baseline_needs_no_cache(synthetic_root, tmp_path):
     result = distill(
         quick(
-            dataset="pathmnist", alpha=1.0, data_dir=str(synthetic_root), epochs=2, out=str(tmp_path / "base")
+            dataset="pathmnist", alpha=1.0, data_dir=str(synthetic_root), epochs=4, out=str(tmp_path / "base")
         )
     )
     assert result.teacher is None and result.baseline
@@ -187,7 +187,10 @@ def test_finished_run_is_not_overwritten_without_force(synthetic_root, tmp_path)
         (["--temperature", "-2"], "--temperature must be > 0, got -2.0"),
         (["--epochs", "0"], "--epochs must be >= 1, got 0"),
         (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
-        (["--student", "vgg16"], "'vgg16' is not one of 'resnet18', 'resnet50'"),
+        (
+            ["--student", "vgg16"],
+            "unknown student 'vgg16'; valid: resnet18, resnet50 or timm:<any timm model id>",
+        ),
         (["--cache", "missing.h5"], "not found"),
     ],
 )

@@ -1,16 +1,27 @@
-"""The linear head: learns every task type, keeps the best-val-AUC epoch, repeats with a seed."""
+"""The heads: the linear one learns every task type, keeps the best-val-AUC epoch and repeats with a seed;
+the attention head learns from patch tokens, in memory or read from HDF5, and both rebuild from records."""
 
 import math
 
+import h5py
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TASK_FLAGS
 
+import medkd.head
 from medkd.config import lr_milestones
 from medkd.data import SPLITS, DeviceSplit, dataset_info, load_arrays, num_outputs
-from medkd.head import train_head
+from medkd.head import (
+    AttentionHead,
+    Rows,
+    attention_heads,
+    head_from_record,
+    head_record,
+    predict,
+    train_head,
+)
 from medkd.metrics import BestEpoch
 
 
@@ -103,3 +114,79 @@ def test_single_class_val_split_keeps_first_epoch(synthetic_root):
     _, info = train_head(features, targets, labels, task, epochs=3)
     assert info["best_epoch"] == 1 and math.isnan(info["val_auc"])
     assert set(SPLITS) <= set(features)
+
+
+def pixel_tokens(root, flag):
+    """Synthetic patch tokens: each image cut into 4x4 patches of 7x7 pixels per channel, standardised."""
+    task = dataset_info(flag)["task"]
+    tokens, targets, labels = {}, {}, {}
+    for split, (images, split_labels) in load_arrays(flag, 28, root).items():
+        x = torch.from_numpy(images).float()
+        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, 28, 28)
+        tokens[split] = F.unfold(x, 7, stride=7).transpose(1, 2)  # (N, 16, C·49)
+        targets[split] = DeviceSplit(images, split_labels, task, "cpu").targets
+        labels[split] = split_labels
+    mean, std = tokens["train"].mean((0, 1)), tokens["train"].std((0, 1)) + 1e-6
+    return {s: ((t - mean) / std).half() for s, t in tokens.items()}, targets, labels, task
+
+
+@pytest.mark.parametrize("flag", ["breastmnist", "pathmnist"])
+def test_attention_head_learns_from_tokens(synthetic_root, flag):
+    tokens, targets, labels, task = pixel_tokens(synthetic_root, flag)
+    n_labels = len(dataset_info(flag)["label"])
+    head, info = train_head(
+        tokens, targets, labels, task, kind="attention", epochs=4, lr=1e-2, n_labels=n_labels
+    )
+    assert isinstance(head, AttentionHead) and info["kind"] == "attention"
+    assert info["val_auc"] > 0.8 and info["test_auc"] > 0.75, info
+    best = info["history"][info["best_epoch"] - 1]
+    assert best["val_auc"] == max(h["val_auc"] for h in info["history"]) == info["val_auc"]
+    logits = predict(head, Rows(tokens["test"]))
+    assert logits.shape == (len(tokens["test"]), num_outputs(task, n_labels))
+    # Its record, as a cache stores it, rebuilds the same function.
+    record = head_record(head)
+    dim = tokens["test"].shape[-1]  # 49 pixels a patch per channel
+    assert (
+        record["kind"] == "attention" and record["num_heads"] == attention_heads(dim) == head.attn.num_heads
+    )
+    assert record["state"]["classifier.weight"].shape == (logits.shape[1], dim)
+    torch.testing.assert_close(
+        predict(head_from_record(record), Rows(tokens["test"])), logits, rtol=0, atol=0
+    )
+
+
+def test_tokens_read_from_hdf5_a_minibatch_at_a_time_train_the_same_head(
+    synthetic_root, tmp_path, monkeypatch
+):
+    tokens, targets, labels, task = pixel_tokens(synthetic_root, "breastmnist")
+    with h5py.File(tmp_path / "tokens.h5", "w") as f:
+        for split, t in tokens.items():
+            f.create_dataset(split, data=t.numpy(), chunks=(3, *t.shape[1:]))
+    in_memory, info = train_head(tokens, targets, labels, task, kind="attention", epochs=2)
+    monkeypatch.setattr(medkd.head, "TOKENS_IN_MEMORY_BYTES", 0)  # too big for memory: read from the file
+    monkeypatch.setattr(medkd.head, "EVAL_BATCH_BYTES", 5 * 16 * 49 * 4)  # and evaluated 5 rows at a time
+    with h5py.File(tmp_path / "tokens.h5", "r") as f:
+        rows = {split: Rows.of(f[split]) for split in SPLITS}
+        assert all(isinstance(r.data, h5py.Dataset) for r in rows.values())
+        batch = rows["train"].subset(np.array([7, 2, 40])).take(torch.tensor([2, 0, 1]))  # any order
+        torch.testing.assert_close(batch, tokens["train"][[40, 7, 2]].float(), rtol=0, atol=0)
+        from_file, info_file = train_head(rows, targets, labels, task, kind="attention", epochs=2)
+    assert info_file["history"] == info["history"]
+    for key, value in in_memory.state_dict().items():
+        torch.testing.assert_close(from_file.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_linear_record_and_records_without_kind(synthetic_root):
+    features, targets, labels, task = pixel_features(synthetic_root, "breastmnist")
+    head, _ = train_head(features, targets, labels, task, epochs=2)
+    record = head_record(head)
+    assert record["kind"] == "linear" and record["weight"].shape == (2, features["val"].shape[1])
+    old = {"weight": record["weight"], "bias": record["bias"]}  # a cache from before head kinds
+    rebuilt = head_from_record(old)
+    assert isinstance(rebuilt, torch.nn.Linear) and not rebuilt.weight.requires_grad
+    torch.testing.assert_close(rebuilt(features["val"]), head(features["val"]))
+
+
+@pytest.mark.parametrize("dim,heads", [(48, 1), (49, 1), (384, 6), (768, 12), (1024, 16), (1280, 20)])
+def test_attention_heads_are_64_wide_where_the_width_allows(dim, heads):
+    assert attention_heads(dim) == heads and dim % heads == 0

@@ -20,11 +20,14 @@ from click.testing import CliRunner
 from conftest import tiny_cache_config
 
 import medkd.cache_teacher
-from medkd.cache import TeacherCache, cache_fingerprint, partial_path
+import medkd.distill
+from medkd.cache import TeacherCache, cache_fingerprint
 from medkd.cache_teacher import cache_teacher
 from medkd.cli import main
 from medkd.config import CacheTeacherConfig, DistillConfig, to_dict
+from medkd.distill import distill
 from medkd.errors import MedkdError
+from medkd.partial import partial_path
 from medkd.runs import EPOCH_CHECKPOINT, RunResult, config_hash, write_result
 from medkd.sweep import finished_result
 
@@ -117,6 +120,39 @@ def test_killed_distill_resumes_to_the_uninterrupted_result(cache, synthetic_roo
         assert np.array_equal(a["y_score"], b["y_score"])
     # The epoch checkpoint and the killed writer's temporary files are gone.
     assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "predictions.npz", "result.json"]
+
+
+def test_an_interrupted_run_resumes_its_optimizer_and_schedule(cache, synthetic_root, tmp_path, monkeypatch):
+    # SGD's momentum buffers and the cosine schedule after a warm-up both cross the interruption.
+    def config(out: Path, **kwargs) -> DistillConfig:
+        return DistillConfig(
+            cache=str(cache), data_dir=str(synthetic_root), alpha=0.5, student="resnet18", student_size=8,
+            epochs=3, patience=2, optimizer="sgd", weight_decay=0.01, schedule="cosine", warmup_epochs=1,
+            device="cpu", quiet=True, out=str(out), **kwargs,
+        )  # fmt: skip
+
+    ref = distill(config(tmp_path / "reference"))
+    epochs = medkd.distill.train_epochs
+
+    def stopped_after_one_epoch(*args, **kwargs):
+        it = epochs(*args, **kwargs)
+        yield next(it)  # the caller writes best.pt and last.pt for epoch 1 before asking for epoch 2
+        raise KeyboardInterrupt
+
+    run_dir = tmp_path / "interrupted"
+    with monkeypatch.context() as m:
+        m.setattr(medkd.distill, "train_epochs", stopped_after_one_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            distill(config(run_dir))
+    checkpoint = torch.load(run_dir / EPOCH_CHECKPOINT, weights_only=True)
+    assert checkpoint["loop"]["epoch"] == 1 and not (run_dir / "result.json").exists()
+    res = distill(config(run_dir, resume=True))
+    assert res.history[0] == checkpoint["history"][0]  # epoch 1 came from the checkpoint
+    # Epoch 1 warms up at lr/100, then cosine over epochs 2-3: 1, then cos²(π/4) = 1/2.
+    assert [h["lr"] for h in res.history] == pytest.approx([1e-5, 1e-3, 5e-4], rel=1e-12)
+    assert [h["lr"] for h in res.history] == [h["lr"] for h in ref.history]
+    assert [h["loss"] for h in res.history] == [h["loss"] for h in ref.history]
+    assert res.test == ref.test and res.val == ref.val and res.best_epoch == ref.best_epoch
 
 
 def count_feature_calls(monkeypatch: pytest.MonkeyPatch, fail_at: int | None = None) -> list[int]:

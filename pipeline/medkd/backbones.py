@@ -1,13 +1,17 @@
-"""Frozen timm backbones as teachers: DINOv2 ViTs (hub weights or a weights file), and a tiny random ViT.
+"""Frozen timm backbones as teachers: any timm model (the registry's DINOv2/v3, MAE, AIMv2, SAM2, CLIP,
+SigLIP, EVA-02, EfficientNet-Lite, ConvNeXt, or `timm:<id>`), from the hub, a weights file or an installed
+weights package, and a tiny random ViT.
 
-A backbone teacher returns features only: the CLS token, or the CLS token concatenated with the mean
-patch token ("cls+mean", DINOv2's linear evaluation); stage one trains a linear head on them.
+A backbone teacher returns features only, pooled as its spec says (`registry.POOLS`): the CLS token,
+CLS ‖ mean patch token (DINOv2's linear evaluation), or "avg", the model's own global pooling (mean of the
+patch tokens; for a CNN or Hiera its head's pooling of the feature map). Stage one trains a head on them.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +19,16 @@ import timm
 import torch
 from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import load_file
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from medkd.data import View
 from medkd.errors import MedkdError
 from medkd.files import file_sha256
-from medkd.registry import POOLS, TEACHERS, TeacherSpec
-from medkd.teachers import Teacher, TeacherOutput
+from medkd.hub import hub_unreachable
+from medkd.lite import is_lite_state, lite_weights_file, map_lite_state
+from medkd.registry import POOLS, TEACHERS, TeacherSpec, install_hint, teacher_spec
+from medkd.teachers import Teacher, TeacherOutput, backbone_provenance
 
 PATCH_SIZE = 14
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,7 +44,7 @@ TINY_SEED = 0
 
 
 class BackboneTeacher(Teacher):
-    """A frozen timm ViT backbone: features (B, D) of its own view, no logits."""
+    """A frozen timm backbone: features (B, D) of its own view, no logits."""
 
     def __init__(
         self,
@@ -51,6 +57,7 @@ class BackboneTeacher(Teacher):
         std: tuple[float, ...],
         weights_sha256: str,
         is_random_init: bool,
+        interpolation: str = "bicubic",
     ):
         super().__init__()
         self.backbone = backbone
@@ -60,9 +67,10 @@ class BackboneTeacher(Teacher):
         self.img_size = img_size
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
-        self.view = View(img_size, self.mean, self.std)
+        self.view = View(img_size, self.mean, self.std, interpolation)
         self.weights_sha256 = weights_sha256
         self.is_random_init = is_random_init
+        self.prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0) or 0)
         self.feature_dim = backbone.num_features * (2 if pool == "cls+mean" else 1)
         self.freeze()
 
@@ -70,30 +78,36 @@ class BackboneTeacher(Teacher):
         """Normalised images (B, 3, S, S) → pooled features (B, D)."""
         return self.pooled(self.backbone.forward_features(x))
 
-    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, prefix + patches, D) tokens, final norm applied → pooled features (B, D)."""
-        cls = tokens[:, 0]  # (B, D)
-        if self.pool == "cls":
-            return cls
-        patches = tokens[:, self.backbone.num_prefix_tokens :]  # register tokens excluded
-        return torch.cat([cls, patches.mean(dim=1)], dim=1)  # (B, 2D)
+    def pooled(self, out: torch.Tensor) -> torch.Tensor:
+        """The backbone's `forward_features` output → pooled features (B, D).
+
+        Token models give (B, prefix + patches, D) with the final norm applied; CNNs and Hiera give a
+        feature map, which their own head pools (ConvNeXt's head also normalises after pooling).
+        """
+        if out.ndim == 4:
+            return self.backbone.forward_head(out, pre_logits=True)  # (B, D)
+        patches = out[:, self.prefix_tokens :]  # register tokens excluded
+        if self.pool == "avg":
+            return patches.mean(dim=1)
+        cls = out[:, 0]  # (B, D)
+        return cls if self.pool == "cls" else torch.cat([cls, patches.mean(dim=1)], dim=1)  # (B, 2D)
+
+    def tokens(self, out: torch.Tensor) -> torch.Tensor:
+        """The patch tokens (B, T, D) of a `forward_features` output; a feature map's H·W positions."""
+        if out.ndim == 3:
+            return out[:, self.prefix_tokens :]
+        if out.shape[1] == self.backbone.num_features:  # (B, D, H, W), CNNs
+            return out.flatten(2).transpose(1, 2)
+        return out.flatten(1, 2)  # (B, H, W, D), Hiera
 
     def forward(self, images: torch.Tensor, with_tokens: bool = False) -> TeacherOutput:
-        tokens = self.backbone.forward_features(self.prepare(images, self.view))
-        patches = tokens[:, self.backbone.num_prefix_tokens :] if with_tokens else None
-        return TeacherOutput(self.pooled(tokens), None, patches)
+        out = self.backbone.forward_features(self.prepare(images, self.view))
+        return TeacherOutput(self.pooled(out), None, self.tokens(out) if with_tokens else None)
 
     def provenance(self) -> dict[str, Any]:
-        return {
-            "backbone": self.backbone_id,
-            "weights_sha256": self.weights_sha256,
-            "teacher_input_size": self.img_size,
-            "resize": self.view.interpolation,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "pool": self.pool,
-            "random_init": self.is_random_init,
-        }
+        return backbone_provenance(
+            self.backbone_id, self.weights_sha256, self.view, self.pool, self.is_random_init
+        )
 
     def summary(self) -> str:
         note = " [yellow](random-init teacher: a test, not a real teacher)[/]" if self.is_random_init else ""
@@ -101,74 +115,195 @@ class BackboneTeacher(Teacher):
 
 
 def build_teacher(
-    name: str, weights: str | os.PathLike | None = None, img_size: int | None = 224, pool: str | None = "cls"
+    name: str,
+    weights: str | os.PathLike | None = None,
+    img_size: int | None = None,
+    pool: str | None = None,
+    pretrained: bool = True,
+    **model_args: Any,
 ) -> BackboneTeacher:
-    """The frozen teacher `name` at `img_size` px: hub weights, a weights file, or (tiny) a seeded init."""
-    if name not in TEACHERS:
-        raise MedkdError(f"unknown teacher '{name}'; valid: {', '.join(TEACHERS)}")
-    img_size = img_size or 224
-    pool = pool or "cls"
-    if img_size <= 0 or img_size % PATCH_SIZE:
+    """The frozen timm teacher `name` (a registry name or `timm:<id>`) at `img_size` px (None: its spec's,
+    else timm's pretrained size), pooled by `pool` (None: its spec's). Weights: `weights` (a file), else the
+    spec's weights package, else the hub; `pretrained=False` keeps timm's random init (a smoke test, like
+    `tiny`, which is always a seeded init). `model_args` go to timm (tests shrink depth with them)."""
+    spec = teacher_spec(name)
+    if spec is None or spec.source not in ("timm", "tiny"):
+        timm_names = [n for n, s in TEACHERS.items() if s.source in ("timm", "tiny")]
+        raise MedkdError(f"unknown teacher '{name}'; valid: {', '.join(timm_names)} or timm:<id>")
+    if pool is not None and pool not in POOLS:
+        raise MedkdError(f"unknown pool '{pool}'; valid: {', '.join(POOLS)}")
+    if spec.source == "tiny":
+        return _build_tiny(weights, img_size or 224, pool or "cls")
+    pretrained_cfg = _pretrained_cfg(spec.model_id)
+    img_size = img_size or spec.input_size or int(pretrained_cfg.input_size[-1])
+    if img_size <= 0:
+        raise MedkdError(f"teacher input size must be positive, got {img_size}")
+    if pretrained_cfg.fixed_input_size:  # ViTs: position embeddings for this grid (resampled on load)
+        model_args = {"img_size": img_size, **model_args}
+    what = f"{name} ({spec.model_id}) at {img_size} px"
+    architecture = _architecture(spec.model_id, model_args, what)  # no weights: checks before a download
+    pool = pool or spec.pool or _own_pool(architecture)
+    _check_input(architecture, img_size, pool, name)
+    if weights is None and spec.weights_package and pretrained:
+        weights = lite_weights_file(spec.weights_package)
+    if weights is None and not pretrained:
+        backbone, sha = _create(spec.model_id, False, model_args, what), ""
+    elif weights is None:
+        backbone, sha = _download(spec, model_args, what)
+    else:
+        backbone = _create(spec.model_id, False, model_args, what)
+        load_weights(backbone, Path(weights), what)
+        sha = file_sha256(weights)
+    cfg = backbone.pretrained_cfg
+    return BackboneTeacher(
+        name, backbone, spec.model_id, pool, img_size, cfg["mean"], cfg["std"], sha,
+        is_random_init=weights is None and not pretrained,
+        interpolation=cfg.get("interpolation") or "bicubic",
+    )  # fmt: skip
+
+
+def _build_tiny(weights: str | os.PathLike | None, img_size: int, pool: str) -> BackboneTeacher:
+    if img_size % PATCH_SIZE:
         raise MedkdError(
             f"teacher input size must be a multiple of the patch size {PATCH_SIZE} (e.g. 28, 56, 224), "
             f"got {img_size}"
         )
-    if pool not in POOLS:
-        raise MedkdError(f"unknown pool '{pool}'; valid: {', '.join(POOLS)}")
-    spec = TEACHERS[name]
+    with torch.random.fork_rng(devices=[]):  # deterministic, and the caller's RNG is left alone
+        torch.manual_seed(TINY_SEED)
+        backbone = VisionTransformer(img_size=img_size, init_values=TINY_LAYER_SCALE, **TINY_ARGS)
     sha = ""
-    if name == "tiny":
-        with torch.random.fork_rng(devices=[]):  # deterministic, and the caller's RNG is left alone
-            torch.manual_seed(TINY_SEED)
-            backbone = VisionTransformer(img_size=img_size, init_values=TINY_LAYER_SCALE, **TINY_ARGS)
-    elif weights is None:
-        backbone = _download(spec, img_size)
-        sha = _hub_file_sha256(spec.model_id)
-    else:
-        backbone = timm.create_model(spec.model_id, pretrained=False, img_size=img_size)
     if weights is not None:
-        load_weights(backbone, Path(weights), f"{name} ({spec.model_id}) at {img_size} px")
+        load_weights(backbone, Path(weights), f"tiny (tiny) at {img_size} px")
         sha = file_sha256(weights)
-    cfg = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD} if name == "tiny" else backbone.pretrained_cfg
     return BackboneTeacher(
-        name,
+        "tiny",
         backbone,
-        spec.model_id,
+        "tiny",
         pool,
         img_size,
-        cfg["mean"],
-        cfg["std"],
+        IMAGENET_MEAN,
+        IMAGENET_STD,
         sha,
-        is_random_init=name == "tiny" and weights is None,
+        is_random_init=weights is None,
     )
 
 
-def _download(spec: TeacherSpec, img_size: int) -> nn.Module:
+def _pretrained_cfg(model_id: str) -> Any:
     try:
-        return timm.create_model(spec.model_id, pretrained=True, img_size=img_size)
-    except Exception as err:  # hub errors come as OSError, HTTP and huggingface_hub types alike
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        return timm.models.get_pretrained_cfg(model_id, allow_unregistered=False)
+    except (RuntimeError, ValueError):
+        cfg = None
+    if cfg is None:  # not a known architecture.tag
         raise MedkdError(
-            f"could not download {spec.model_id} weights ({reason}); download {spec.official_file} "
-            f"elsewhere and pass --weights FILE"
-        ) from err
+            f"timm has no model '{model_id}' (timm {timm.__version__}); list ids with "
+            f"python -c \"import timm; print(timm.list_models('*name*', pretrained=True))\""
+        )
+    return cfg
 
 
-def _hub_file_sha256(timm_id: str) -> str:
-    """sha256 of the hub file timm just loaded, if it sits in the huggingface cache ("" otherwise)."""
+def _architecture(model_id: str, model_args: dict[str, Any], what: str) -> nn.Module:
+    """The model without weights, on the meta device: its shape facts in a fraction of a second."""
+    with torch.device("meta"):
+        return _create(model_id, False, model_args, what)
+
+
+def describe_teachers() -> list[dict[str, Any]]:
+    """One row per registry teacher for `medkd teachers`: source id, parameters, default input size,
+    feature dim and pooling (timm models are built on the meta device; open_clip/hf ones show "?")."""
+    rows = []
+    for name, spec in TEACHERS.items():
+        row = {"name": name, "source": f"{spec.source}:{spec.model_id}", "extra": spec.extra or "-"}
+        row.update(params="?", input_size="?", feature_dim="?", pool=spec.pool or "own")
+        if spec.source == "tiny":
+            row.update(source="medkd (random init, for tests)", input_size=224, pool="cls")
+            model = VisionTransformer(img_size=224, init_values=TINY_LAYER_SCALE, **TINY_ARGS)
+        elif spec.source == "timm":
+            cfg = _pretrained_cfg(spec.model_id)
+            size = spec.input_size or int(cfg.input_size[-1])
+            row["input_size"] = size
+            model = _architecture(spec.model_id, {"img_size": size} if cfg.fixed_input_size else {}, name)
+        else:
+            rows.append(row)
+            continue
+        width = model.num_features * (2 if row["pool"] == "cls+mean" else 1)
+        row.update(params=sum(p.numel() for p in model.parameters()), feature_dim=width)
+        if row["pool"] == "avg":  # token models average their patch tokens, CNNs and Hiera their map
+            row["pool"] = "avg (patch tokens)" if hasattr(model, "num_prefix_tokens") else "avg (feature map)"
+        rows.append(row)
+    return rows
+
+
+def _own_pool(backbone: nn.Module) -> str:
+    """A `timm:` model's own pooling: its CLS token when its head reads one, else the average."""
+    has_cls = getattr(backbone, "num_prefix_tokens", 0) and getattr(backbone, "global_pool", "") == "token"
+    return "cls" if has_cls else "avg"
+
+
+def _check_input(backbone: nn.Module, img_size: int, pool: str, name: str) -> None:
+    patch_embed = getattr(backbone, "patch_embed", None)
+    patch = getattr(patch_embed, "patch_size", None)
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    if isinstance(patch, int) and img_size % patch:
+        raise MedkdError(
+            f"teacher input size must be a multiple of {name}'s patch size {patch} "
+            f"(e.g. {patch * 8}, {patch * 16}), got {img_size}"
+        )
+    if pool in ("cls", "cls+mean") and not getattr(backbone, "num_prefix_tokens", 0):
+        raise MedkdError(f"{name} has no CLS token to pool with --pool {pool}; use --pool avg")
+
+
+def _create(
+    model_id: str, pretrained: bool, model_args: dict[str, Any], what: str, **kwargs: Any
+) -> nn.Module:
+    try:
+        return timm.create_model(model_id, pretrained=pretrained, num_classes=0, **model_args, **kwargs)
+    except (RuntimeError, TypeError, ValueError, AssertionError) as err:
+        raise MedkdError(f"cannot build {what}: {_first_line(err)}") from err
+
+
+def _download(spec: TeacherSpec, model_args: dict[str, Any], what: str) -> tuple[nn.Module, str]:
+    """The model with timm's pretrained weights: from the local hub cache, else the hub; and their sha256."""
+    cached = _hub_cached_file(spec.model_id)
+    if cached:
+        overlay = {"file": cached}  # no network round trip for weights already on disk
+        return _create(spec.model_id, True, model_args, what, pretrained_cfg_overlay=overlay), file_sha256(
+            cached
+        )
+    hint = f"download {spec.official_file or 'its weights'} elsewhere and pass --weights FILE"
+    if spec.weights_package:
+        hint = f"{install_hint(spec.extra)}, or pass --weights FILE"
+    problem = hub_unreachable()
+    if problem:
+        raise MedkdError(f"could not download {spec.model_id} weights ({problem}); {hint}")
+    try:
+        backbone = timm.create_model(spec.model_id, pretrained=True, num_classes=0, **model_args)
+    except Exception as err:  # hub errors come as OSError, HTTP and huggingface_hub types alike
+        raise MedkdError(f"could not download {spec.model_id} weights ({_first_line(err)}); {hint}") from err
+    cached = _hub_cached_file(spec.model_id)
+    return backbone, file_sha256(cached) if cached else ""
+
+
+def _hub_cached_file(model_id: str) -> str:
+    """The weights file of timm's hub id for `model_id` in the local huggingface cache ("" if absent)."""
+    hub_id = getattr(_pretrained_cfg(model_id), "hf_hub_id", None) or f"timm/{model_id}"
     for filename in ("model.safetensors", "pytorch_model.bin"):
-        path = try_to_load_from_cache(f"timm/{timm_id}", filename)
+        path = try_to_load_from_cache(hub_id, filename)
         if isinstance(path, str) and Path(path).is_file():
-            return file_sha256(path)
+            return path
     return ""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a .pth/.pt/.bin (torch.load, weights only) or .safetensors file."""
     if not path.is_file():
         raise MedkdError(
-            f"weights file {path} not found (pass an official dinov2_vit*14_pretrain.pth or a "
-            f"timm state dict / .safetensors file)"
+            f"weights file {path} not found (pass a timm state dict / .safetensors file, an official "
+            f"dinov2_vit*14_pretrain.pth or an EfficientNet-Lite .pth)"
         )
     try:
         if path.suffix == ".safetensors":
@@ -187,19 +322,34 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(backbone: nn.Module, path: Path, what: str) -> None:
-    """Load an official DINOv2 or timm state dict into `backbone`, pos_embed resampled to its grid."""
+    """Load a state dict file into `backbone`: timm's own layout, an official DINOv2 file, or an
+    EfficientNet-Lite package file; pos_embed resampled to its grid, a classifier it lacks dropped."""
     state = read_state_dict(path)
-    try:
-        # Converts DINOv2 keys (mask_token, register_tokens, w12/w3) and resamples pos_embed.
-        state = checkpoint_filter_fn(state, backbone)
-    except (RuntimeError, KeyError, ValueError) as err:
-        raise MedkdError(
-            f"weights file {path} does not fit {what}: {' '.join(str(err).split())[:200]}"
-        ) from err
-    problem = _state_mismatch(backbone.state_dict(), state)
+    if is_lite_state(state):
+        state = map_lite_state(state, backbone.state_dict())
+    else:
+        try:
+            # The model family's own converter: DINOv2 keys (mask_token, register_tokens, w12/w3) and
+            # pos_embed resampling for ViTs, original-repo layouts for others.
+            state = _checkpoint_filter(backbone)(state, backbone)
+        except (RuntimeError, KeyError, ValueError, AttributeError) as err:
+            raise MedkdError(
+                f"weights file {path} does not fit {what}: {' '.join(str(err).split())[:200]}"
+            ) from err
+    expected = backbone.state_dict()
+    # A backbone is built without a classifier (num_classes=0): a file's ImageNet head is not ours.
+    classifier = str((getattr(backbone, "pretrained_cfg", None) or {}).get("classifier") or "head")
+    state = {k: v for k, v in state.items() if k in expected or not k.startswith(classifier + ".")}
+    problem = _state_mismatch(expected, state)
     if problem:
         raise MedkdError(f"weights file {path} does not fit {what}: {problem}")
     backbone.load_state_dict(state, strict=True)
+
+
+def _checkpoint_filter(backbone: nn.Module) -> Any:
+    """timm's `checkpoint_filter_fn` of the backbone's model family (the identity if it has none)."""
+    module = sys.modules[type(backbone).__module__]
+    return getattr(module, "checkpoint_filter_fn", lambda state, _model: state)
 
 
 def _state_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:

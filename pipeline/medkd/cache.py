@@ -2,8 +2,8 @@
 
 `write_cache` writes a temporary file beside the target and renames it only when complete, so a
 killed run never leaves a half cache under the final name. `TeacherCache` opens the file read-only
-with HDF5 file locking off, checks it, loads logits, labels and the head into memory and closes it;
-`features(split)` reopens it for the (larger, optional) features of one split.
+with HDF5 file locking off, checks it, loads logits and labels into memory and closes it; `features(split)`
+reopens it for the (larger, optional) features of one split, `head()` for the head.
 
 Locking: readers pass `locking=False`, so any number of distill/sweep processes read one cache at once,
 even on NFS or Lustre, which often refuse locks (that safety comes from the atomic rename instead: a
@@ -26,10 +26,12 @@ import numpy as np
 import torch
 
 from medkd import __version__
-from medkd.data import SPLITS, data_sha256, num_outputs
+from medkd.data import SPLITS, data_sha256, is_multilabel, num_outputs
 from medkd.errors import MedkdError
 from medkd.files import atomic_path
+from medkd.head import MeanHead, head_from_record
 from medkd.metrics import evaluate, scores_from_logits
+from medkd.registry import HEADS
 
 FORMAT_VERSION = 1
 ROOT_ATTRS = (
@@ -51,7 +53,8 @@ ROOT_ATTRS = (
     "torch_version",
 )
 HEAD_ATTRS = ("epochs", "best_epoch", "val_auc", "val_acc", "test_auc", "test_acc", "lr", "batch_size")
-DTYPES = {"logits": np.float32, "labels": np.int64, "features": np.float16}
+HEAD_ARRAYS = ("weight", "bias", "state")  # datasets of a head group; every other record key is an attr
+DTYPES = {"logits": np.float32, "labels": np.int64, "features": np.float16, "fold": np.int64}
 REBUILD = "medkd cache-teacher ... --force"
 MAKE_ONE = "make one with `medkd cache-teacher --dataset FLAG --teacher NAME`"
 
@@ -115,13 +118,19 @@ def data_split_attrs(arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[s
 
 
 def split_datasets(
-    logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], features: dict[str, np.ndarray] | None
+    logits: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    features: dict[str, np.ndarray] | None,
+    folds: np.ndarray | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """The `splits` argument of `write_cache`: logits and labels per split, features unless None."""
+    """The `splits` argument of `write_cache`: logits and labels per split, features unless None, and the
+    train images' cross-fit folds unless None."""
     splits = {split: {"logits": logits[split], "labels": labels[split]} for split in SPLITS}
     if features is not None:
         for split in SPLITS:
             splits[split]["features"] = features[split]
+    if folds is not None:
+        splits["train"]["fold"] = folds
     return splits
 
 
@@ -132,15 +141,18 @@ def write_cache(
     splits: dict[str, dict[str, np.ndarray]],
     split_attrs: dict[str, dict[str, Any]],
     head: dict[str, Any] | None,
+    fold_heads: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write a format-1 cache to `path` through a temporary file in the same folder, renamed at the end.
 
     `splits[split]` holds logits (N, C), labels (N, L) and optionally features (N, D); `split_attrs[split]`
-    its n and data_sha256; `head` the weight (C, D), bias (C,) and the HEAD_ATTRS scalars. The schema is
-    checked before anything is written, by the same rules `TeacherCache` reads with.
+    its n and data_sha256; `head` a `medkd.head.head_record` (kind; weight (C, D) and bias (C,), or
+    num_heads and state) with the HEAD_ATTRS scalars. With the root attr `cross_fit` K >= 2, `head` holds
+    attrs only, `fold_heads` the K fold heads' records and `splits["train"]["fold"]` each image's fold.
+    The schema is checked before anything is written, by the same rules `TeacherCache` reads with.
     """
     path = Path(path)
-    problem = _write_problem(attrs, splits, split_attrs, head)
+    problem = _write_problem(attrs, splits, split_attrs, head, fold_heads or [])
     if problem:
         raise ValueError(f"refusing to write cache {path}: it {problem}")
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
@@ -150,11 +162,30 @@ def write_cache(
             _write_split(group, splits[split])
             _write_attrs(group, split_attrs[split])
         if head is not None:
-            group = f.create_group("head")
-            group.create_dataset("weight", data=np.asarray(head["weight"], dtype=np.float32))
-            group.create_dataset("bias", data=np.asarray(head["bias"], dtype=np.float32))
-            _write_attrs(group, {k: v for k, v in head.items() if k not in ("weight", "bias")})
+            _write_head(f.create_group("head"), head)
+        for k, record in enumerate(fold_heads or []):
+            _write_head(f.create_group(f"heads/{k}"), record)
     return path
+
+
+def _write_head(group: h5py.Group, record: dict[str, Any]) -> None:
+    for name in ("weight", "bias"):
+        if name in record:
+            group.create_dataset(name, data=np.asarray(record[name], dtype=np.float32))
+    for name, array in record.get("state", {}).items():
+        group.create_dataset(f"state/{name}", data=np.asarray(array, dtype=np.float32))
+    _write_attrs(group, {"kind": "linear", **{k: v for k, v in record.items() if k not in HEAD_ARRAYS}})
+
+
+def _read_head(group: h5py.Group, load: bool) -> dict[str, Any]:
+    """A head group as its record; with `load` False its arrays stay h5py datasets (shapes, no data)."""
+    record = {k: _from_attr(v) for k, v in group.attrs.items()}
+    for name in ("weight", "bias"):
+        if name in group:
+            record[name] = group[name][()] if load else group[name]
+    if "state" in group:
+        record["state"] = {k: d[()] if load else d for k, d in group["state"].items()}
+    return record
 
 
 def _split_problem(split: str, arrays: dict[str, np.ndarray], n: int, n_classes: int) -> str:
@@ -173,11 +204,74 @@ def _split_problem(split: str, arrays: dict[str, np.ndarray], n: int, n_classes:
     return ""
 
 
+def _head_problem(record: dict[str, Any], where: str, n_classes: int, width: int | None) -> str:
+    """What is wrong with one head record ("" if nothing); `width` is the features' D, if stored."""
+    kind = record.get("kind", "linear")  # caches before head kinds hold linear heads
+    if kind not in HEADS:
+        return f"has a /{where} of kind '{kind}'; known: {', '.join(HEADS)}"
+    if kind == "linear":
+        if "weight" not in record or "bias" not in record:
+            return f"has no /{where}/weight and /{where}/bias"
+        weight = np.shape(record["weight"])
+        expected = (n_classes, width or weight[-1])
+        if weight != expected or np.shape(record["bias"]) != (n_classes,):
+            return f"has a /{where} of weight {weight}; expected {expected}"
+        return ""
+    state = record.get("state", {})
+    classifier, query = np.shape(state.get("classifier.weight", ())), np.shape(state.get("query", ()))
+    heads = record.get("num_heads")
+    if (
+        len(classifier) != 2
+        or classifier[0] != n_classes
+        or query != (1, 1, classifier[1])
+        or not isinstance(heads, int)
+        or heads < 1
+        or classifier[1] % heads
+    ):
+        return (
+            f"has an attention /{where} with classifier {classifier}, query {query} and {heads} heads; "
+            f"expected ({n_classes}, D), (1, 1, D) and heads dividing D"
+        )
+    return ""
+
+
+def _heads_problem(
+    attrs: dict[str, Any],
+    head: dict[str, Any] | None,
+    fold_heads: list[dict[str, Any]],
+    folds: Any,
+    n_train: int,
+    width: int | None,
+) -> str:
+    """What is wrong with the heads and folds of a cache ("" if nothing): one head, or K cross-fitted."""
+    k, n_classes = attrs.get("cross_fit", 1), attrs["n_classes"]
+    if k < 2:
+        if fold_heads or folds is not None:
+            return "has /heads or /train/fold but no root attr cross_fit >= 2"
+        return _head_problem(head, "head", n_classes, width) if head is not None else ""
+    if head is None or len(fold_heads) != k:
+        return f"has cross_fit {k} but {len(fold_heads)} heads under /heads (and /head {head is not None})"
+    if folds is None or np.shape(folds) != (n_train,):
+        return f"has cross_fit {k} but no /train/fold of shape ({n_train},)"
+    if set(np.unique(np.asarray(folds)).tolist()) != set(range(k)):
+        return f"has /train/fold values other than every fold 0..{k - 1}"
+    for i, record in enumerate(fold_heads):
+        problem = _head_problem(record, f"heads/{i}", n_classes, width)
+        if problem:
+            return problem
+        if record.get("kind", "linear") != head.get("kind", "linear"):
+            return (
+                f"has a /heads/{i} of kind '{record.get('kind')}' under a /head of kind '{head.get('kind')}'"
+            )
+    return ""
+
+
 def _write_problem(
     attrs: dict[str, Any],
     splits: dict[str, dict[str, np.ndarray]],
     split_attrs: dict[str, dict[str, Any]],
     head: dict[str, Any] | None,
+    fold_heads: list[dict[str, Any]],
 ) -> str:
     missing = [k for k in ROOT_ATTRS if k != "medkd_format" and k not in attrs]
     if missing:
@@ -191,17 +285,14 @@ def _write_problem(
         problem = _split_problem(split, arrays, split_attrs[split]["n"], attrs["n_classes"])
         if problem:
             return problem
-    if head is not None:
-        weight = np.asarray(head["weight"])
-        features = splits["train"].get("features")
-        width = np.asarray(features).shape[1] if features is not None else weight.shape[-1]
-        if weight.shape != (attrs["n_classes"], width) or np.asarray(head["bias"]).shape != weight.shape[:1]:
-            return f"has a head of weight {weight.shape}; expected ({attrs['n_classes']}, {width})"
-    return ""
+    train = splits["train"]
+    width = np.shape(train["features"])[1] if "features" in train else None
+    return _heads_problem(attrs, head, fold_heads, train.get("fold"), split_attrs["train"]["n"], width)
 
 
 class TeacherCache:
-    """A teacher cache read into memory: attrs, per-split logits (float32 tensors) and labels, the head."""
+    """A teacher cache read into memory: attrs, per-split logits (float32 tensors) and labels, head attrs
+    (and a linear head's weight and bias), the cross-fit folds; `head()` reads the head as a module."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -253,13 +344,35 @@ class TeacherCache:
             self.labels[split] = labels.astype(np.int64)
             self.has_features &= "features" in group
         self.fingerprint = _fingerprint(self.split_attrs, {s: t.numpy() for s, t in self.logits.items()})
-        self.head_attrs = {k: _from_attr(v) for k, v in f["head"].attrs.items()} if "head" in f else None
-        self.head_weight = torch.from_numpy(f["head/weight"][()]) if "head/weight" in f else None
-        self.head_bias = torch.from_numpy(f["head/bias"][()]) if "head/bias" in f else None
+        self._read_heads(f)
+
+    def _read_heads(self, f: h5py.File) -> None:
+        self.cross_fit = int(self.attrs.get("cross_fit", 1))
+        head = _read_head(f["head"], load=False) if "head" in f else None
+        names = sorted(f["heads"]) if "heads" in f else []
+        if names != sorted(str(k) for k in range(len(names))):
+            raise self._fail(f"has /heads {', '.join(names)}; expected 0..{len(names) - 1}")
+        fold_heads = [_read_head(f[f"heads/{k}"], load=False) for k in range(len(names))]
+        folds = f["train/fold"] if "fold" in f["train"] else None
+        width = f["train/features"].shape[1] if "features" in f["train"] else None
+        problem = _heads_problem(self.attrs, head, fold_heads, folds, self.split_attrs["train"]["n"], width)
+        if problem:
+            raise self._fail(problem)
+        self.folds = folds[()].astype(np.int64) if folds is not None else None  # (N_train,) or None
+        self.head_attrs = {k: v for k, v in head.items() if k not in HEAD_ARRAYS} if head else None
+        self.fold_head_attrs = [{k: v for k, v in r.items() if k not in HEAD_ARRAYS} for r in fold_heads]
+        linear = head is not None and "weight" in head
+        self.head_weight = torch.from_numpy(head["weight"][()]) if linear else None  # (C, D)
+        self.head_bias = torch.from_numpy(head["bias"][()]) if linear else None  # (C,)
 
     @property
     def task(self) -> str:
         return self.attrs["task"]
+
+    @property
+    def head_kind(self) -> str | None:
+        """`linear` (also for caches from before head kinds), `attention`, or None without a head."""
+        return None if self.head_attrs is None else self.head_attrs.get("kind", "linear")
 
     def features(self, split: str) -> np.ndarray:
         """The stored float16 features (N, D) of one split, read from disk now."""
@@ -290,24 +403,54 @@ class TeacherCache:
             "weights_sha256": self.attrs.get("weights_sha256"),
             "data_sha256": {s: self.split_attrs[s]["data_sha256"] for s in SPLITS},
             "fingerprint": self.fingerprint,
+            "head": self.head_kind,
+            "cross_fit": self.cross_fit,
             "test_auc": test["auc"],
             "test_acc": test["acc"],
         }
 
-    def head(self) -> torch.nn.Linear | None:
-        """The stored linear head as a module, or None if the cache has none."""
-        if self.head_weight is None or self.head_bias is None:
+    def head(self) -> torch.nn.Module | None:
+        """The stored head as a frozen module, or None if the cache has none: an nn.Linear on the features,
+        a `medkd.head.AttentionHead` on the patch tokens; with cross-fitting the mean of the K fold heads,
+        which gives the val/test logits (a train image's come from its fold's head, `fold_heads()`)."""
+        if self.head_attrs is None:
             return None
-        head = torch.nn.Linear(self.head_weight.shape[1], self.head_weight.shape[0])
-        with torch.no_grad():
-            head.weight.copy_(self.head_weight)
-            head.bias.copy_(self.head_bias)
-        return head.eval().requires_grad_(False)
+        if self.cross_fit >= 2:
+            return MeanHead(self.fold_heads())
+        if self.head_weight is not None:
+            return head_from_record({"weight": self.head_weight, "bias": self.head_bias})
+        with h5py.File(self.path, "r", locking=False) as f:
+            return head_from_record(_read_head(f["head"], load=True))
+
+    def fold_heads(self) -> list[torch.nn.Module]:
+        """The K cross-fitted heads (`/heads/k`, trained without fold k), read now; [] without folds."""
+        if not self.fold_head_attrs:
+            return []
+        with h5py.File(self.path, "r", locking=False) as f:
+            return [
+                head_from_record(_read_head(f[f"heads/{k}"], load=True))
+                for k in range(len(self.fold_head_attrs))
+            ]
+
+    def kept_tokens(self) -> Path | None:
+        """The patch tokens kept beside this cache (`--keep-tokens`, `tokens_path`), if they are its own."""
+        path = tokens_path(self.path)
+        try:
+            with h5py.File(path, "r", locking=False) as f:
+                ours = _from_attr(f.attrs.get("cache_fingerprint", "")) == self.fingerprint
+        except OSError:  # absent, or not HDF5
+            return None
+        return path if ours else None
 
     def teacher_metrics(self, split: str) -> dict[str, float]:
-        """`{"auc", "acc"}` of the stored logits against the stored labels."""
+        """`{"auc", "acc"}` of the stored logits against the stored labels (train: out-of-fold when
+        cross-fitted)."""
         scores = scores_from_logits(self.task, self.logits[split]).numpy()
         return evaluate(self.task, self.labels[split], scores)
+
+    def chance_metrics(self, split: str) -> dict[str, float]:
+        """`chance_metrics` of the split's labels: what a teacher that learnt nothing scores."""
+        return chance_metrics(self.task, self.labels[split])
 
     def check_data(self, flag: str, size: int, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         """Refuse data other than the cache was built from: flag, size, each split's n and data_sha256."""
@@ -331,6 +474,16 @@ class TeacherCache:
                     f"{stored['data_sha256'][:12]}…; the data given has n={len(images)} sha256 {sha[:12]}…: "
                     f"{rebuild}"
                 )
+
+
+def chance_metrics(task: str, labels: np.ndarray) -> dict[str, float]:
+    """What a teacher that learnt nothing scores on (N, L) labels: AUC 0.5, and the ACC of always predicting
+    the split's majority class (multi-label: the mean over labels of each label's majority rate)."""
+    labels = np.asarray(labels)
+    if is_multilabel(task):
+        rate = labels.mean(axis=0)  # (L,) positives per label
+        return {"auc": 0.5, "acc": float(np.mean(np.maximum(rate, 1 - rate)))}
+    return {"auc": 0.5, "acc": float(np.bincount(labels.reshape(-1)).max() / labels.size)}
 
 
 def _fingerprint(split_attrs: dict[str, dict[str, Any]], logits: dict[str, Any]) -> str:
@@ -366,75 +519,7 @@ def _cached_fingerprint(path: str, _mtime_ns: int, _size: int) -> str:
         raise
 
 
-# ---------------------------------------------------------------- the partial outputs of stage one
-
-
-def partial_path(out: str | os.PathLike) -> Path:
-    """The temporary file stage one writes chunk by chunk, beside the cache it is for."""
+def tokens_path(out: str | os.PathLike) -> Path:
+    """Where `--keep-tokens` keeps the patch tokens: `<cache stem>.tokens.h5` beside the cache."""
     out = Path(out)
-    return out.parent / f".{out.name}.features.partial"
-
-
-class PartialOutputs:
-    """Stage one's resumable teacher pass: `/<split>` features (N, D) float32 and, for a teacher with a
-    classifier, `/logits_<split>` (N, C), each with a `done` attr counting the rows written.
-
-    The root attr `key` names everything the outputs depend on: a file with another key, or one that
-    cannot be opened, is started anew (`note` says why). Rows are written first, then `done`, then the
-    file is flushed: a kill at any point leaves `done` at most the rows written.
-    """
-
-    def __init__(self, path: str | os.PathLike, key: str):
-        self.path, self.note = Path(path), ""
-        self.file = self._open(key)
-
-    def _open(self, key: str) -> h5py.File:
-        if self.path.exists():
-            try:
-                f = h5py.File(self.path, "a")
-            except OSError as err:
-                if "lock" in str(err):
-                    raise MedkdError(
-                        f"{self.path} is locked: another cache-teacher with the same --out is running; "
-                        f"wait for it or pass another --out"
-                    ) from err
-                self.note = f"{self.path} is damaged ({type(err).__name__}); computing features anew"
-            else:
-                if f.attrs.get("key") == key:
-                    return f
-                f.close()
-                self.note = f"{self.path} was made with other arguments; computing features anew"
-            self.path.unlink()
-        f = h5py.File(self.path, "w")
-        f.attrs["key"] = key
-        return f
-
-    def __enter__(self) -> PartialOutputs:
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self.file.close()
-
-    def done(self, split: str) -> int:
-        """Rows of `split` already written (0 for a split not started)."""
-        return int(self.file[split].attrs["done"]) if split in self.file else 0
-
-    def write(self, split: str, n: int, start: int, features: np.ndarray, logits: np.ndarray | None) -> None:
-        """Rows `start:start + len(features)` of `split` (n rows in all)."""
-        stop = start + len(features)
-        for name, block in ((split, features), (f"logits_{split}", logits)):
-            if block is None:
-                continue
-            if name not in self.file:
-                self.file.create_dataset(name, shape=(n, block.shape[1]), dtype=np.float32)
-            self.file[name][start:stop] = block
-            self.file[name].attrs["done"] = stop
-        self.file.flush()
-
-    def read(self, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`(features, logits or None)` of a finished split, float32."""
-        logits = f"logits_{split}"
-        return (
-            torch.from_numpy(self.file[split][()]),
-            torch.from_numpy(self.file[logits][()]) if logits in self.file else None,
-        )
+    return out.with_name(f"{out.stem}.tokens.h5")

@@ -284,6 +284,28 @@ def datasets(data_dir: str | None, verify: bool) -> None:
     Console().print(table)
 
 
+@main.command()
+def teachers() -> None:
+    """List the named teachers: source id, parameters, default input size, feature dim, pooling, extra."""
+    from rich.table import Table
+
+    from medkd.backbones import describe_teachers
+
+    table = Table(
+        title="medkd teachers (also timm:ID, open_clip:ID, hf:ID and run:PATH)",
+        caption="Grayscale images are replicated to 3 channels. Mean/std and resize come from each "
+        "library's pretrained config; `?`: known once built (needs its extra).",
+    )
+    columns = ("name", "source", "params", "input_size", "feature_dim", "pool", "extra")
+    for column in columns:
+        table.add_column(column.replace("_", " "), justify="right" if column == "params" else "left")
+    for row in describe_teachers():
+        params = row["params"]
+        row["params"] = f"{params / 1e6:.1f}M" if isinstance(params, int) else params
+        table.add_row(*(str(row[c]) for c in columns))
+    Console().print(table)
+
+
 C = CacheTeacherConfig
 
 

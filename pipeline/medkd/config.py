@@ -77,6 +77,11 @@ def run_teacher_paths(teacher: str) -> list[str]:
     return paths
 
 
+def path_safe(name: str) -> str:
+    """A teacher or student name as one portable file-name part: `timm:org/m.tag` → `timm-org-m.tag`."""
+    return name.replace(":", "-").replace("/", "-")
+
+
 def unknown_teacher(teacher: str) -> str:
     """The one line for a teacher that is neither a registry name, a library id nor run:PATH."""
     prefixes = ", ".join(f"{p}ID" for p in TEACHER_PREFIXES)
@@ -165,8 +170,8 @@ class CacheTeacherConfig:
             return Path(self.out)
         if is_run_teacher(self.teacher):
             name = "run-" + "+".join(Path(p).name for p in run_teacher_paths(self.teacher))
-        else:  # `timm:org/model.tag` → `timm-org-model.tag`: one file name, no folders
-            name = self.teacher.replace(":", "-").replace("/", "-")
+        else:
+            name = path_safe(self.teacher)
         return Path("cache") / f"{self.dataset}_{self.size}_{name}.h5"
 
 
@@ -416,7 +421,7 @@ class SweepConfig:
         if self.out:
             return Path(self.out)
         source = Path(self.cache).stem if self.cache else f"{self.dataset}_{self.size}"
-        return Path("runs") / f"sweep_{source}_{self.student}"
+        return Path("runs") / f"sweep_{source}_{path_safe(self.student)}"
 
 
 def make_sweep_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> SweepConfig:

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from medkd.cache import TeacherCache
-from medkd.config import DistillConfig, short_number, to_dict
+from medkd.config import DistillConfig, path_safe, short_number, to_dict
 from medkd.data import SPLITS, DeviceSplit, View, data_sha256, dataset_info, load_arrays, num_outputs
 from medkd.errors import MedkdError
 from medkd.metrics import BestEpoch
@@ -73,7 +73,7 @@ def run_name(cfg: DistillConfig, dataset: str, size: int, teacher: str | None) -
     student_size = cfg.student_size or size
     source = "baseline" if cfg.alpha == 1.0 or teacher is None else teacher
     knobs = f"a{short_number(cfg.alpha)}_t{short_number(cfg.temperature)}_s{cfg.seed}"
-    return f"{dataset}_{size}_{cfg.student}-{student_size}_{source}_{knobs}"
+    return f"{dataset}_{size}_{path_safe(cfg.student)}-{student_size}_{source}_{knobs}"
 
 
 def distill(
@@ -98,7 +98,10 @@ def distill(
     torch.manual_seed(cfg.seed)
     student_size = cfg.student_size or inputs.size
     model = build_student(cfg.student, inputs.n_outputs, student_size, cfg.student_weights).to(device)
-    loop = LoopState.create(model, cfg.lr, cfg.epochs, cfg.milestones, cfg.seed)
+    loop = LoopState.create(
+        model, cfg.lr, cfg.epochs, cfg.milestones, cfg.seed, optimizer=cfg.optimizer,
+        weight_decay=cfg.weight_decay, schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
+    )  # fmt: skip
     checkpoint = read_epoch_checkpoint(run_dir, chash, config, cache) if cfg.resume else None
     if cfg.resume and checkpoint is None:
         console.print(f"no epoch checkpoint in {run_dir}: starting at epoch 1", soft_wrap=True)

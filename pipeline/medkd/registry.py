@@ -65,8 +65,8 @@ TEACHERS: dict[str, TeacherSpec] = {
     "aimv2_large14": TeacherSpec("timm", "aimv2_large_patch14_224.apple_pt", pool="avg"),
     "aimv2_huge14": TeacherSpec("timm", "aimv2_huge_patch14_224.apple_pt", pool="avg"),
     **{
-        f"sam2_hiera_{s}": TeacherSpec("timm", f"sam2_hiera_{s}.fb_r896", pool="avg")
-        for s in ("tiny", "small", "base_plus", "large")
+        f"sam2_hiera_{s}": TeacherSpec("timm", f"sam2_hiera_{s}.fb_r{r}", pool="avg")
+        for s, r in (("tiny", 896), ("small", 896), ("base_plus", 896), ("large", 1024))
     },
     "clip_vitb16": TeacherSpec("timm", "vit_base_patch16_clip_224.openai"),
     "siglip_vitb16": TeacherSpec("timm", "vit_base_patch16_siglip_224.webli", pool="avg"),

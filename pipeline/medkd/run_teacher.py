@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision
 from torch import nn
 
 from medkd.config import RUN_OPTIONS, run_teacher_paths
@@ -24,7 +25,7 @@ from medkd.errors import MedkdError
 from medkd.files import file_sha256
 from medkd.registry import RUN_PREFIX
 from medkd.runs import CHECKPOINT, RESULT, RunResult, load_checkpoint, read_result
-from medkd.students import build_student
+from medkd.students import build_student, student_classifier, student_features
 from medkd.teachers import Teacher, TeacherOutput
 
 # How the members' logits are combined, recorded in the cache (see `ensemble_logits`).
@@ -107,16 +108,22 @@ def load_member(run_dir: str | Path) -> RunMember:
 
 
 class _LogitsAndFeatures(nn.Module):
-    """A ResNet that returns `(logits, penultimate features)`: one pass gives both, logits unchanged."""
+    """A student that returns `(logits, penultimate features)`: one pass gives both, logits unchanged.
+
+    `fc` is the student's linear classifier (a ResNet's `.fc`, a timm model's `get_classifier()`); the
+    features are its input: a ResNet's pooled, flattened output, timm's `forward_head(pre_logits=True)`.
+    """
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.fc = model.fc
+        self.fc = student_classifier(model)
         self.body = copy.deepcopy(model)
-        self.body.fc = nn.Identity()  # the body now ends in the pooled, flattened features
+        self.timm = not isinstance(model, torchvision.models.ResNet)
+        if not self.timm:
+            self.body.fc = nn.Identity()  # the body now ends in the pooled, flattened features
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.body(x)  # (B, D)
+        features = student_features(self.body, x) if self.timm else self.body(x)  # (B, D)
         return self.fc(features), features  # (B, C), (B, D)
 
 
@@ -222,8 +229,9 @@ def _head(members: list[RunMember], metrics: dict[str, dict[str, float]]) -> dic
     member for an ensemble) and the val/test AUC/ACC of the cached logits.
     """
     k = len(members)
-    weight = torch.cat([m.model.fc.weight.detach() for m in members], dim=1) / k  # (C, D1 + … + Dk)
-    bias = torch.stack([m.model.fc.bias.detach() for m in members]).mean(dim=0)  # (C,)
+    fcs = [student_classifier(m.model) for m in members]  # a ResNet's .fc, a timm student's classifier
+    weight = torch.cat([fc.weight.detach() for fc in fcs], dim=1) / k  # (C, D1 + … + Dk)
+    bias = torch.stack([fc.bias.detach() for fc in fcs]).mean(dim=0)  # (C,)
     per_member = {
         "epochs": [int(m.result.epochs_run) for m in members],
         "best_epoch": [int(m.result.best_epoch or m.checkpoint_epoch) for m in members],

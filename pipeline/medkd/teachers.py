@@ -73,6 +73,22 @@ class Teacher(nn.Module):
         return ""
 
 
+def backbone_provenance(
+    backbone_id: str, weights_sha256: str, view: View, pool: str, random_init: bool
+) -> dict[str, Any]:
+    """The provenance attrs of a backbone teacher (one with a head to train), whatever its library."""
+    return {
+        "backbone": backbone_id,
+        "weights_sha256": weights_sha256,
+        "teacher_input_size": view.size,
+        "resize": view.interpolation,
+        "mean": list(view.mean),
+        "std": list(view.std),
+        "pool": pool,
+        "random_init": random_init,
+    }
+
+
 @torch.inference_mode()
 def encode(
     teacher: Teacher, images: torch.Tensor, batch_size: int, with_tokens: bool = False

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -19,6 +20,7 @@ from medkd.data import DeviceSplit, View, is_multilabel
 from medkd.errors import MedkdError
 from medkd.losses import kd_loss
 from medkd.metrics import evaluate, scores_from_logits
+from medkd.registry import OPTIMIZERS, SCHEDULES
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,26 +85,76 @@ class NonFiniteLossError(MedkdError):
         self.value, self.epoch, self.step, self.steps = value, epoch, step, steps
 
 
+def lr_factor(
+    epoch: int, epochs: int, schedule: str, milestones: tuple[int, ...], warmup_epochs: int
+) -> float:
+    """The lr of epoch `epoch + 1` (0-based `epoch`, the scheduler's step count) as a fraction of --lr.
+
+    Warm-up ramps linearly from 1/100 over the first `warmup_epochs` epochs (epoch e <= W trains at
+    0.01 + 0.99 * (e - 1) / W); then `multistep` is ×0.1 at each milestone (absolute epochs, as without
+    warm-up) and `cosine` falls from 1 to 0 over the remaining epochs, reaching 0 after the last one.
+    """
+    if epoch < warmup_epochs:
+        return 0.01 + 0.99 * epoch / warmup_epochs
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
+    return 0.1 ** sum(m <= epoch for m in milestones)
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Adam (weight decay as an L2 term in the gradient), AdamW (decoupled decay) or SGD (Nesterov, 0.9)."""
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
+        )
+    raise MedkdError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+
+
 @dataclass
 class LoopState:
     """What the loop carries from one epoch to the next; its `state_dict` lets `--resume` continue exactly."""
 
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped once per epoch
     generator: torch.Generator  # CPU generator of the shuffling order: the same order on every device
     epochs: int  # epochs the run trains in all
     epoch: int = 0  # epochs finished
 
     @classmethod
     def create(
-        cls, model: nn.Module, lr: float, epochs: int, milestones: tuple[int, ...] | None, seed: int
+        cls,
+        model: nn.Module,
+        lr: float,
+        epochs: int,
+        milestones: tuple[int, ...] | None,
+        seed: int,
+        *,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+        schedule: str = "multistep",
+        warmup_epochs: int = 0,
     ) -> LoopState:
-        """Adam at `lr`, ×0.1 at the milestones, a generator seeded with `seed`, no epoch done."""
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, lr_milestones(epochs, milestones), gamma=0.1
-        )
-        return cls(optimizer, scheduler, torch.Generator().manual_seed(seed), epochs)
+        """`optimizer` at `lr`, the lr of each epoch from `lr_factor`, a generator seeded with `seed`."""
+        if schedule not in SCHEDULES:
+            raise MedkdError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+        opt = build_optimizer(model, optimizer, lr, weight_decay)
+        steps = lr_milestones(epochs, milestones)
+        if schedule == "multistep" and warmup_epochs == 0:
+            # The original schedule, kept as MultiStepLR: older runs reproduce bit for bit and their
+            # epoch checkpoints (a MultiStepLR state) still resume.
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, steps, gamma=0.1)
+        else:
+            # One closed form of the epoch: nothing accumulates, and the state is just the step count (a
+            # closure is not saved by state_dict; `create` rebuilds it from the same config on --resume).
+            def factor(epoch: int) -> float:
+                return lr_factor(epoch, epochs, schedule, steps, warmup_epochs)
+
+            scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return cls(opt, scheduler, torch.Generator().manual_seed(seed), epochs)
 
     def state_dict(self) -> dict:
         return {
