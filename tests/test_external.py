@@ -290,7 +290,7 @@ def test_hf_folder_without_an_image_processor_is_one_line(transformers, tmp_path
 
 @pytest.mark.parametrize(
     ("build", "extra", "module"),
-    [(build_open_clip_teacher, "open_clip", "open_clip"), (build_hf_teacher, "hf", "transformers")],
+    [(build_open_clip_teacher, "open-clip", "open_clip"), (build_hf_teacher, "hf", "transformers")],
 )
 def test_a_missing_extra_is_one_line_naming_the_pip_command(monkeypatch, build, extra, module):
     monkeypatch.setitem(sys.modules, module, None)  # what an uninstalled package looks like to import

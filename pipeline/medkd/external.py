@@ -1,6 +1,6 @@
 """Teachers from other libraries: the image tower of an open_clip model (BiomedCLIP, any `open_clip:` id)
 and a Hugging Face transformers vision model (RAD-DINO, any `hf:` id or save_pretrained folder), behind the
-optional extras `medkd[open_clip]` and `medkd[hf]`.
+optional extras `medkd[open-clip]` and `medkd[hf]`.
 
 Like a timm backbone, such a teacher returns features only, pooled from its final (normalised) tokens as
 `registry.POOLS` says: the CLS token, CLS ‖ mean patch token, or "avg", the mean of the patch tokens; and
@@ -156,7 +156,7 @@ def build_open_clip_teacher(
     state dict file: a whole CLIP or its image tower), else the hub. Preprocessing (mean, std, resize, size)
     is the model's open_clip preprocess config; `img_size` overrides the size (position embeddings are
     resampled). Only the image tower is built: no text model, no tokenizer."""
-    open_clip = _import_extra("open_clip", "open_clip")
+    open_clip = _import_extra("open-clip", "open_clip")
     from open_clip.model import _build_vision_tower, resize_pos_embed  # the tower without the text model
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 

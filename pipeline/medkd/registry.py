@@ -74,7 +74,7 @@ TEACHERS: dict[str, TeacherSpec] = {
     **{f"efficientnet_lite{n}": _lite(n) for n in (0, 1, 2)},
     # Medical foundation models: BiomedCLIP's image tower (open_clip) and RAD-DINO (transformers).
     "biomedclip": TeacherSpec(
-        "open_clip", "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", extra="open_clip"
+        "open_clip", "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", extra="open-clip"
     ),
     "rad_dino": TeacherSpec("hf", "microsoft/rad-dino", extra="hf"),
     # DINOv2's architecture (patch 14, LayerScale) at toy width and depth, seeded: for tests and the demo.
@@ -84,6 +84,8 @@ TEACHERS: dict[str, TeacherSpec] = {
 # Any model of a library, by its id there: `timm:convnext_small.fb_in22k`, `open_clip:ViT-B-16`
 # (or `open_clip:hf-hub:ORG/NAME`), `hf:microsoft/rad-dino`.
 TEACHER_PREFIXES = {"timm:": "timm", "open_clip:": "open_clip", "hf:": "hf"}
+# The pip extra each library needs (pip matches extras by their normalised name, hence open-clip).
+EXTRAS = {"open_clip": "open-clip", "hf": "hf"}
 # A finished medkd run as teacher: `run:runs/NAME`; several (comma list) make a mean-logit ensemble.
 RUN_PREFIX = "run:"
 
@@ -118,7 +120,7 @@ def teacher_spec(name: str) -> TeacherSpec | None:
         model_id = name[len(prefix) :].strip()
         if name.startswith(prefix) and model_id:
             # pool "": the builder takes the model's own (CLS when it has one, else its global average).
-            return TeacherSpec(source, model_id, pool="", extra="" if source == "timm" else source)
+            return TeacherSpec(source, model_id, pool="", extra=EXTRAS.get(source, ""))
     return None
 
 
