@@ -23,7 +23,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from medkd.data import View
-from medkd.errors import MedkdError
+from medkd.errors import MedkdError, first_line
 from medkd.files import file_sha256
 from medkd.hub import hub_unreachable
 from medkd.lite import is_lite_state, lite_weights_file, map_lite_state
@@ -258,7 +258,7 @@ def _create(
     try:
         return timm.create_model(model_id, pretrained=pretrained, num_classes=0, **model_args, **kwargs)
     except (RuntimeError, TypeError, ValueError, AssertionError) as err:
-        raise MedkdError(f"cannot build {what}: {_first_line(err)}") from err
+        raise MedkdError(f"cannot build {what}: {first_line(err)}") from err
 
 
 def _download(spec: TeacherSpec, model_args: dict[str, Any], what: str) -> tuple[nn.Module, str]:
@@ -278,7 +278,7 @@ def _download(spec: TeacherSpec, model_args: dict[str, Any], what: str) -> tuple
     try:
         backbone = timm.create_model(spec.model_id, pretrained=True, num_classes=0, **model_args)
     except Exception as err:  # hub errors come as OSError, HTTP and huggingface_hub types alike
-        raise MedkdError(f"could not download {spec.model_id} weights ({_first_line(err)}); {hint}") from err
+        raise MedkdError(f"could not download {spec.model_id} weights ({first_line(err)}); {hint}") from err
     cached = _hub_cached_file(spec.model_id)
     return backbone, file_sha256(cached) if cached else ""
 
@@ -291,11 +291,6 @@ def _hub_cached_file(model_id: str) -> str:
         if isinstance(path, str) and Path(path).is_file():
             return path
     return ""
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -311,8 +306,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MedkdError(f"cannot read weights file {path}: {first_line}") from err
+        raise MedkdError(f"cannot read weights file {path}: {first_line(err)}") from err
     for key in ("model", "state_dict"):  # checkpoints that wrap the state dict
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -24,7 +24,7 @@ from torch import nn
 
 from medkd.backbones import read_state_dict
 from medkd.data import View
-from medkd.errors import MedkdError
+from medkd.errors import MedkdError, first_line
 from medkd.files import file_sha256
 from medkd.hub import hub_unreachable
 from medkd.registry import INTERPOLATIONS, POOLS, install_hint
@@ -72,7 +72,7 @@ class ExternalTeacher(Teacher):
             with torch.inference_mode():
                 prefix, patches = self.tower(torch.zeros(1, 3, view.size, view.size))
         except (RuntimeError, ValueError, AssertionError) as err:
-            raise MedkdError(f"{backbone_id} cannot take {view.size} px input: {_first_line(err)}") from err
+            raise MedkdError(f"{backbone_id} cannot take {view.size} px input: {first_line(err)}") from err
         self.pool = pool or ("cls" if prefix is not None else "avg")  # the model's own: CLS when it has one
         if self.pool != "avg" and prefix is None:
             raise MedkdError(f"{backbone_id} has no CLS token, so pool '{self.pool}' is impossible; use avg")
@@ -173,7 +173,7 @@ def build_open_clip_teacher(
             model_cfg["embed_dim"], vision_cfg, quick_gelu=bool(model_cfg.get("quick_gelu", False))
         )
     except (TypeError, ValueError, RuntimeError, AssertionError, KeyError) as err:
-        raise MedkdError(f"cannot build the image tower of {what}: {_first_line(err)}") from err
+        raise MedkdError(f"cannot build the image tower of {what}: {first_line(err)}") from err
     holder = nn.Module()  # open_clip's helpers address the tower as `model.visual`
     holder.visual = visual
     state = _open_clip_tower_state(read_state_dict(_weights_path(checkpoint)))
@@ -315,7 +315,7 @@ def _hf_with_weights(config: Any, path: Path, what: str) -> nn.Module:
             None, config=config, state_dict=state, output_loading_info=True, ignore_mismatched_sizes=True
         )
     except (KeyError, RuntimeError, ValueError) as err:
-        raise MedkdError(f"weights file {path} does not fit {what}: {_first_line(err)}") from err
+        raise MedkdError(f"weights file {path} does not fit {what}: {first_line(err)}") from err
     finally:
         hf_logging.set_verbosity(verbosity)
     missing, mismatched = sorted(info["missing_keys"]), sorted(info["mismatched_keys"])
@@ -368,9 +368,9 @@ def _loading(repo: str | None, what: str, hint: str) -> Iterator[bool]:
         if problem:
             message = f"cannot reach the Hugging Face hub ({problem}) and {what} is not in the local cache"
         elif repo:
-            message = f"could not load {what} from the Hugging Face hub ({_first_line(err)})"
+            message = f"could not load {what} from the Hugging Face hub ({first_line(err)})"
         else:
-            message = f"could not load {what}: {_first_line(err)}"
+            message = f"could not load {what}: {first_line(err)}"
         raise MedkdError(f"{message}; {hint}") from err
 
 
@@ -441,7 +441,7 @@ def _read_json(path: str) -> dict[str, Any]:
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
-        raise MedkdError(f"cannot read {path}: {_first_line(err)}") from err
+        raise MedkdError(f"cannot read {path}: {first_line(err)}") from err
 
 
 def _square(size: Any, model_id: str) -> int:
@@ -471,8 +471,3 @@ def _triple(values: Any) -> tuple[float, float, float]:
 
 def _interpolation(name: str) -> str:
     return name if name in INTERPOLATIONS else "bicubic"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -26,7 +26,7 @@ import torchvision
 
 from medkd import __version__
 from medkd.config import ADDED_DEFAULTS, RUN_OPTIONS
-from medkd.errors import MedkdError
+from medkd.errors import MedkdError, first_line
 from medkd.files import atomic_path, temporary_files, write_json
 
 RESULT = "result.json"
@@ -268,8 +268,7 @@ def load_checkpoint(path: Path, what: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except Exception as err:  # torch raises many types for a damaged file; all mean the same here
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MedkdError(f"cannot read {path} as {what} ({first})") from err
+        raise MedkdError(f"cannot read {path} as {what} ({first_line(err)})") from err
     if not isinstance(stored, dict) or not isinstance(stored.get("model"), dict):
         raise MedkdError(f"{path} is not {what} (no 'model' state dict)")
     return stored
