@@ -82,7 +82,8 @@ def cache_path(tmp_path):
 def test_layout_dtypes_and_attrs_on_disk(cache_path):
     with h5py.File(cache_path, "r") as f:
         assert set(f) == {"train", "val", "test", "head"}
-        assert f.attrs["medkd_format"] == FORMAT_VERSION == 1
+        assert f.attrs["medkd_format"] == FORMAT_VERSION == 2
+        assert f.attrs["views"] == 1 and json.loads(f.attrs["augment"]) == {"preset": "none"}
         assert set(ROOT_ATTRS) <= set(f.attrs)
         assert json.loads(f.attrs["label_names"]) == {"0": "malignant", "1": "benign"}
         assert list(f.attrs["mean"]) == pytest.approx([0.485, 0.456, 0.406])
@@ -164,8 +165,8 @@ def test_refusals(tmp_path, cache_path):
         return path
 
     one_line_error(
-        edited("v2.h5", lambda f: f.attrs.__setitem__("medkd_format", 2)),
-        "has cache format 2; this medkd reads format 1",
+        edited("v3.h5", lambda f: f.attrs.__setitem__("medkd_format", 3)),
+        "has cache format 3; this medkd reads formats 1, 2",
     )
     one_line_error(edited("nolog.h5", lambda f: f["val"].__delitem__("logits")), "has no /val/logits")
     one_line_error(edited("notest.h5", lambda f: f.__delitem__("test")), "has no /test/logits")

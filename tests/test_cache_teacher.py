@@ -43,7 +43,7 @@ def test_every_attr_of_the_format(built, synthetic_root):
     cache = TeacherCache(path)
     attrs = cache.attrs
     assert set(ROOT_ATTRS) | set(EXTRA_ATTRS) <= set(attrs)
-    assert attrs["medkd_format"] == 1 and attrs["medkd_version"] == __version__
+    assert attrs["medkd_format"] == 2 and attrs["medkd_version"] == __version__
     assert attrs["dataset"] == "breastmnist" and attrs["image_size"] == 28 and attrs["task"] == "binary-class"
     assert attrs["n_classes"] == 2 and attrs["label_names"] == {"0": "malignant", "1": "normal, benign"}
     assert attrs["teacher"] == "tiny" and attrs["backbone"] == "tiny" and attrs["weights_sha256"] == ""

@@ -79,7 +79,7 @@ def test_run_folder_is_complete_for_every_task(synthetic_root, caches, tmp_path,
     saved = json.loads((run / "result.json").read_text())
     assert saved["config"]["alpha"] == alpha and saved["dataset"] == flag
     assert saved["baseline"] is (alpha == 1.0)
-    assert saved["teacher"]["teacher"] == "tiny" and saved["teacher"]["medkd_format"] == 1
+    assert saved["teacher"]["teacher"] == "tiny" and saved["teacher"]["medkd_format"] == 2
     assert saved["teacher"]["test_auc"] == TeacherCache(caches[flag]).teacher_metrics("test")["auc"]
     assert len(saved["history"]) == 1 and saved["best_epoch"] == 1
     epoch = saved["history"][0]  # the loss and its two terms, each a mean over the training images

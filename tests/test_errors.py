@@ -64,7 +64,7 @@ def scene(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
         with h5py.File(root / name, "a") as f:
             edit(f)
 
-    edited("v2.h5", lambda f: f.attrs.__setitem__("medkd_format", 2))
+    edited("v3.h5", lambda f: f.attrs.__setitem__("medkd_format", 3))
 
     def nan_logits(f: h5py.File) -> None:
         f["train/logits"][3, 1] = np.nan
@@ -135,7 +135,7 @@ CASES = [
     ("missing-cache", kd("missing.h5"), ["missing.h5 not found; make one with `medkd cache-teacher"]),
     ("truncated-cache", kd("truncated.h5"), ["truncated.h5 is not a readable HDF5 file", "cache-teacher"]),
     ("non-hdf5-cache", kd("text.h5"), ["text.h5 is not a readable HDF5 file", "cache-teacher"]),
-    ("cache-format-2", kd("v2.h5"), ["has cache format 2; this medkd reads format 1", "--force"]),
+    ("cache-format-3", kd("v3.h5"), ["has cache format 3; this medkd reads formats 1, 2", "--force"]),
     ("nan-in-logits", kd("nan.h5"), ["nan.h5 has NaN or inf in /train/logits", "rebuild it"]),
     ("inf-in-logits", kd("inf.h5"), ["inf.h5 has NaN or inf in /val/logits", "rebuild it"]),
     (
@@ -218,8 +218,8 @@ def test_debug_shows_the_traceback(scene, monkeypatch):
     monkeypatch.chdir(scene)
     from medkd.errors import MedkdError
 
-    with pytest.raises(MedkdError, match="has cache format 2"):
-        CliRunner().invoke(main, ["--debug", *kd("v2.h5")], catch_exceptions=False)
+    with pytest.raises(MedkdError, match="has cache format 3"):
+        CliRunner().invoke(main, ["--debug", *kd("v3.h5")], catch_exceptions=False)
 
 
 def _nan_after(monkeypatch, calls: int) -> None:

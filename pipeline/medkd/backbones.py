@@ -100,8 +100,10 @@ class BackboneTeacher(Teacher):
             return out.flatten(2).transpose(1, 2)
         return out.flatten(1, 2)  # (B, H, W, D), Hiera
 
-    def forward(self, images: torch.Tensor, with_tokens: bool = False) -> TeacherOutput:
-        out = self.backbone.forward_features(self.prepare(images, self.view))
+    def forward(
+        self, images: torch.Tensor, with_tokens: bool = False, views: torch.Tensor | None = None
+    ) -> TeacherOutput:
+        out = self.backbone.forward_features(self.prepare(images, self.view, views))
         return TeacherOutput(self.pooled(out), None, self.tokens(out) if with_tokens else None)
 
     def provenance(self) -> dict[str, Any]:

@@ -1,4 +1,7 @@
-"""The HDF5 teacher cache, format version 1 (the full layout is documented in cache/README.md).
+"""The HDF5 teacher cache, format version 2 (the full layout is documented in cache/README.md).
+
+Version 2 adds augmented views of the training images (`/train/view_logits`, `view_params`,
+`view_features`; root attrs `views`, `augment`); a version-1 file reads as a cache of the plain view only.
 
 `write_cache` writes a temporary file beside the target and renames it only when complete, so a
 killed run never leaves a half cache under the final name. `TeacherCache` opens the file read-only
@@ -32,8 +35,10 @@ from medkd.files import atomic_path
 from medkd.head import MeanHead, head_from_record
 from medkd.metrics import evaluate, scores_from_logits
 from medkd.registry import HEADS
+from medkd.views import VIEW_COLUMNS, augment_attr
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS = (1, 2)  # a version-1 cache is a version-2 cache without views
 ROOT_ATTRS = (
     "medkd_format",
     "medkd_version",
@@ -54,7 +59,16 @@ ROOT_ATTRS = (
 )
 HEAD_ATTRS = ("epochs", "best_epoch", "val_auc", "val_acc", "test_auc", "test_acc", "lr", "batch_size")
 HEAD_ARRAYS = ("weight", "bias", "state")  # datasets of a head group; every other record key is an attr
-DTYPES = {"logits": np.float32, "labels": np.int64, "features": np.float16, "fold": np.int64}
+DTYPES = {
+    "logits": np.float32,
+    "labels": np.int64,
+    "features": np.float16,
+    "fold": np.int64,
+    "view_params": np.float32,
+    "view_logits": np.float32,
+    "view_features": np.float16,
+}
+VIEW_DATASETS = ("view_params", "view_logits", "view_features")  # /train only
 REBUILD = "medkd cache-teacher ... --force"
 MAKE_ONE = "make one with `medkd cache-teacher --dataset FLAG --teacher NAME`"
 
@@ -122,15 +136,19 @@ def split_datasets(
     labels: dict[str, np.ndarray],
     features: dict[str, np.ndarray] | None,
     folds: np.ndarray | None = None,
+    views: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """The `splits` argument of `write_cache`: logits and labels per split, features unless None, and the
-    train images' cross-fit folds unless None."""
+    """The `splits` argument of `write_cache`: logits and labels per split, features unless None, the
+    train images' cross-fit folds unless None, and their views (`view_params`, `view_logits` and
+    optionally `view_features`, each (N, K, ·)) unless None."""
     splits = {split: {"logits": logits[split], "labels": labels[split]} for split in SPLITS}
     if features is not None:
         for split in SPLITS:
             splits[split]["features"] = features[split]
     if folds is not None:
         splits["train"]["fold"] = folds
+    if views is not None:
+        splits["train"].update(views)
     return splits
 
 
@@ -143,15 +161,19 @@ def write_cache(
     head: dict[str, Any] | None,
     fold_heads: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write a format-1 cache to `path` through a temporary file in the same folder, renamed at the end.
+    """Write a format-2 cache to `path` through a temporary file in the same folder, renamed at the end.
 
     `splits[split]` holds logits (N, C), labels (N, L) and optionally features (N, D); `split_attrs[split]`
     its n and data_sha256; `head` a `medkd.head.head_record` (kind; weight (C, D) and bias (C,), or
     num_heads and state) with the HEAD_ATTRS scalars. With the root attr `cross_fit` K >= 2, `head` holds
     attrs only, `fold_heads` the K fold heads' records and `splits["train"]["fold"]` each image's fold.
+    With the root attr `views` K and `augment` a preset's `augment_attr` (default: 1 and none, the plain
+    view only), `splits["train"]` also holds `view_params` (N, K, P), `view_logits` (N, K, C) and
+    optionally `view_features` (N, K, D).
     The schema is checked before anything is written, by the same rules `TeacherCache` reads with.
     """
     path = Path(path)
+    attrs = {"views": 1, "augment": augment_attr("none"), **attrs}
     problem = _write_problem(attrs, splits, split_attrs, head, fold_heads or [])
     if problem:
         raise ValueError(f"refusing to write cache {path}: it {problem}")
@@ -201,6 +223,29 @@ def _split_problem(split: str, arrays: dict[str, np.ndarray], n: int, n_classes:
     features = arrays.get("features")
     if features is not None and (features.ndim != 2 or len(features) != n):
         return f"has /{split} features {features.shape}; expected ({n}, D)"
+    return ""
+
+
+def _views_problem(attrs: dict[str, Any], train: dict[str, Any], n: int) -> str:
+    """What is wrong with the views of a cache ("" if nothing): none stored for the plain view only, else
+    (N, K, ·) view datasets matching the root attrs `views` and `augment`; `train` maps names to arrays or
+    h5py datasets (only their shapes are read, and view_logits' values)."""
+    k, preset = attrs.get("views", 1), attrs.get("augment", {}).get("preset", "none")
+    stored = [name for name in VIEW_DATASETS if name in train]
+    if preset == "none" and k == 1:
+        return f"has /train/{stored[0]} but root attrs views 1, augment none (no views)" if stored else ""
+    if not isinstance(k, int) or k < 1:
+        return f"has the root attr views {k!r}; expected a number of views >= 1"
+    c, width = attrs["n_classes"], np.shape(train["features"])[1] if "features" in train else None
+    expected = {"view_params": (n, k, len(VIEW_COLUMNS)), "view_logits": (n, k, c)}
+    if "view_features" in train:
+        expected["view_features"] = (n, k, width or np.shape(train["view_features"])[-1])
+    for name, shape in expected.items():
+        if name not in train or tuple(np.shape(train[name])) != shape:
+            found = tuple(np.shape(train[name])) if name in train else "none"
+            return f"has /train/{name} {found} for {k} {preset} views; expected {shape}"
+    if not np.isfinite(np.asarray(train["view_logits"][()])).all():
+        return "has NaN or inf in /train/view_logits"
     return ""
 
 
@@ -286,6 +331,9 @@ def _write_problem(
         if problem:
             return problem
     train = splits["train"]
+    problem = _views_problem(attrs, train, split_attrs["train"]["n"])
+    if problem:
+        return problem
     width = np.shape(train["features"])[1] if "features" in train else None
     return _heads_problem(attrs, head, fold_heads, train.get("fold"), split_attrs["train"]["n"], width)
 
@@ -314,10 +362,10 @@ class TeacherCache:
     def _read(self, f: h5py.File) -> None:
         self.attrs = {k: _from_attr(v) for k, v in f.attrs.items()}
         version = self.attrs.get("medkd_format")
-        if version != FORMAT_VERSION:
+        if version not in READS:
             raise MedkdError(
-                f"{self.path} has cache format {version}; this medkd reads format {FORMAT_VERSION}: "
-                f"rebuild it with `{REBUILD}`"
+                f"{self.path} has cache format {version}; this medkd reads formats "
+                f"{', '.join(map(str, READS))}: rebuild it with `{REBUILD}`"
             )
         missing = [k for k in ROOT_ATTRS if k not in self.attrs]
         if missing:
@@ -343,8 +391,55 @@ class TeacherCache:
             self.logits[split] = torch.from_numpy(logits.astype(np.float32))
             self.labels[split] = labels.astype(np.int64)
             self.has_features &= "features" in group
-        self.fingerprint = _fingerprint(self.split_attrs, {s: t.numpy() for s, t in self.logits.items()})
+        self._read_views(f)
+        self.fingerprint = _fingerprint(
+            self.split_attrs, {s: t.numpy() for s, t in self.logits.items()}, self._view_arrays()
+        )
         self._read_heads(f)
+
+    def _read_views(self, f: h5py.File) -> None:
+        self.attrs.setdefault("views", 1)  # a version-1 cache: the plain view only
+        self.attrs.setdefault("augment", augment_attr("none"))
+        problem = _views_problem(self.attrs, f["train"], self.split_attrs["train"]["n"])
+        if problem:
+            raise self._fail(problem)
+        train = f["train"]
+        stored = "view_logits" in train
+        self.view_params = torch.from_numpy(train["view_params"][()]) if stored else None  # (N, K, P)
+        self.view_logits = torch.from_numpy(train["view_logits"][()]) if stored else None  # (N, K, C)
+        self.has_view_features = "view_features" in train
+
+    def _view_arrays(self) -> dict[str, np.ndarray] | None:
+        if self.view_logits is None:
+            return None
+        return {"view_params": self.view_params.numpy(), "view_logits": self.view_logits.numpy()}
+
+    @property
+    def views(self) -> int:
+        """K, the augmented views stored per training image (0: the plain view only)."""
+        return 0 if self.view_logits is None else self.view_logits.shape[1]
+
+    @property
+    def augment(self) -> str:
+        """The preset of the stored views (`none` for the plain view only)."""
+        return self.attrs["augment"].get("preset", "none")
+
+    def view_features(self) -> np.ndarray:
+        """The stored float16 features (N, K, D) of every training image's views, read from disk now."""
+        with h5py.File(self.path, "r", locking=False) as f:
+            if "view_features" not in f["train"]:
+                stored = "no views" if self.view_logits is None else "no view features (--no-features)"
+                raise MedkdError(f"teacher cache {self.path} stores {stored}")
+            return f["train/view_features"][()]
+
+    def view_metrics(self) -> list[dict[str, float]]:
+        """`{"auc", "acc"}` of each stored view's logits against the train labels ([] without views)."""
+        if self.view_logits is None:
+            return []
+        return [
+            evaluate(self.task, self.labels["train"], scores_from_logits(self.task, view).numpy())
+            for view in self.view_logits.unbind(dim=1)
+        ]
 
     def _read_heads(self, f: h5py.File) -> None:
         self.cross_fit = int(self.attrs.get("cross_fit", 1))
@@ -405,6 +500,8 @@ class TeacherCache:
             "fingerprint": self.fingerprint,
             "head": self.head_kind,
             "cross_fit": self.cross_fit,
+            "views": self.views,
+            "augment": self.augment,
             "test_auc": test["auc"],
             "test_acc": test["acc"],
         }
@@ -486,13 +583,18 @@ def chance_metrics(task: str, labels: np.ndarray) -> dict[str, float]:
     return {"auc": 0.5, "acc": float(np.bincount(labels.reshape(-1)).max() / labels.size)}
 
 
-def _fingerprint(split_attrs: dict[str, dict[str, Any]], logits: dict[str, Any]) -> str:
-    # What a student run reads from a cache: the data it was built from and the logits; not its path,
-    # name or creation time, so a copy (or an identical rebuild) is the same cache.
+def _fingerprint(
+    split_attrs: dict[str, dict[str, Any]], logits: dict[str, Any], views: dict[str, Any] | None = None
+) -> str:
+    # What a student run reads from a cache: the data it was built from, the logits and the views; not its
+    # path, name or creation time, so a copy (or an identical rebuild) is the same cache. A cache without
+    # views hashes as before views existed, so its runs keep their config hashes.
     digest = hashlib.sha256()
     for split in SPLITS:
         digest.update(split_attrs[split]["data_sha256"].encode())
         digest.update(np.ascontiguousarray(logits[split], dtype=np.float32).tobytes())
+    for name in ("view_params", "view_logits") if views is not None else ():
+        digest.update(np.ascontiguousarray(views[name], dtype=np.float32).tobytes())
     return digest.hexdigest()
 
 
@@ -513,7 +615,10 @@ def _cached_fingerprint(path: str, _mtime_ns: int, _size: int) -> str:
     try:
         with h5py.File(path, "r", locking=False) as f:
             split_attrs = {s: {"data_sha256": _from_attr(f[s].attrs["data_sha256"])} for s in SPLITS}
-            return _fingerprint(split_attrs, {s: f[s]["logits"][()] for s in SPLITS})
+            train = f["train"]
+            names = ("view_params", "view_logits") if "view_logits" in train else ()
+            views = {k: train[k][()] for k in names} or None
+            return _fingerprint(split_attrs, {s: f[s]["logits"][()] for s in SPLITS}, views)
     except (OSError, KeyError):
         TeacherCache(path)  # says what is wrong with the file, in one line
         raise

@@ -37,11 +37,20 @@ from medkd.data import SPLITS, DeviceSplit, dataset_info, load_arrays, num_outpu
 from medkd.errors import MedkdError
 from medkd.head import HEAD_INPUTS, FittedHeads, Rows, fit_heads, head_record, predict
 from medkd.metrics import evaluate, scores_from_logits
-from medkd.partial import PartialOutputs, keep_tokens, open_tokens, partial_path, tokens_partial_path
+from medkd.partial import (
+    PartialOutputs,
+    keep_tokens,
+    open_tokens,
+    partial_path,
+    tokens_partial_path,
+    views_partial_path,
+)
 from medkd.registry import is_run_teacher, teacher_spec
 from medkd.run_teacher import load_run_teacher
+from medkd.teacher_views import teacher_views, view_logits_fn, views_key
 from medkd.teachers import Teacher, TeacherOutput, encode
 from medkd.train import resolve_device
+from medkd.views import augment_attr, draw_views
 
 # A chunk is this many feature batches: a killed run loses at most one chunk of teacher passes.
 FEATURE_CHUNK_BATCHES = 16
@@ -65,6 +74,7 @@ PROVENANCE = (  # the root attrs `inspect` shows, in this order
     "images_per_second",
     "feature_seconds",
     "head_seconds",
+    "view_seconds",
 )
 
 
@@ -127,6 +137,12 @@ def cache_teacher(cfg: CacheTeacherConfig, console: Console | None = None) -> Pa
     chance = {split: chance_metrics(task, labels[split])["acc"] for split in SPLITS}
     console.print(_quality_line(cfg, teacher, quality, chance, head, fitted), soft_wrap=True)
     check_quality(cfg, quality["val"]["auc"], out, [partial, tokens] if with_tokens else [partial])
+    views, view_seconds = None, 0.0
+    if cfg.has_views:  # after the gate: a teacher near chance is not run K more times
+        start = time.perf_counter()
+        views = _views(cfg, teacher, arrays["train"][0], fitted, key, device, out, console)
+        view_seconds = time.perf_counter() - start
+        console.print(_views_line(cfg, task, labels["train"], views["view_logits"], quality), soft_wrap=True)
 
     passed = sum(len(arrays[s][0]) for s in SPLITS) - resumed  # the speed is of this run's own pass
     attrs = {
@@ -134,17 +150,21 @@ def cache_teacher(cfg: CacheTeacherConfig, console: Console | None = None) -> Pa
         "teacher": teacher.name,
         **teacher.provenance(),
         "cross_fit": cfg.cross_fit,
+        "views": cfg.views if cfg.has_views else 1,
+        "augment": augment_attr(cfg.augment),
         "feature_seconds": feature_seconds,
         "head_seconds": head_seconds,
+        "view_seconds": view_seconds,
         "images_per_second": passed / max(feature_seconds, 1e-9),
         "config": to_dict(cfg),
     }
     kept = {split: outputs[split].features.numpy() for split in SPLITS} if cfg.features else None
     folds = fitted.folds if fitted is not None else None
     fold_heads = _fold_records(fitted) if folds is not None else None
-    splits = split_datasets(logits, labels, kept, folds)
+    splits = split_datasets(logits, labels, kept, folds, views)
     write_cache(out, attrs=attrs, splits=splits, split_attrs=split_attrs, head=head, fold_heads=fold_heads)
     partial.unlink(missing_ok=True)  # the cache is complete: a rerun has nothing to resume
+    views_partial_path(out).unlink(missing_ok=True)
     note = ""
     if with_tokens and cfg.keep_tokens:
         note = f", tokens kept in {keep_tokens(tokens, out)}"
@@ -157,6 +177,49 @@ def cache_teacher(cfg: CacheTeacherConfig, console: Console | None = None) -> Pa
         soft_wrap=True,
     )
     return out
+
+
+def _views(
+    cfg: CacheTeacherConfig,
+    teacher: Teacher,
+    images: np.ndarray,
+    fitted: FittedHeads | None,
+    key: str,
+    device: torch.device,
+    out: Path,
+    console: Console,
+) -> dict[str, np.ndarray]:
+    """The view datasets of a multi-view cache: `cfg.views` views of every training image drawn from
+    `cfg.augment` (seeded by `cfg.seed`), the teacher's logits on each and, unless --no-features, its
+    features."""
+    params = draw_views(cfg.augment, len(images), cfg.views, cfg.seed)  # (N, K, P)
+    with PartialOutputs(views_partial_path(out), views_key(key, cfg.views, cfg.augment, fitted)) as f:
+        if f.note:
+            console.print(f"[yellow]{f.note}", soft_wrap=True)
+        features, logits = teacher_views(
+            teacher, images, params, view_logits_fn(fitted), device, cfg.feature_batch_size,
+            FEATURE_CHUNK_BATCHES * cfg.feature_batch_size, f, console, cfg.quiet,
+            with_tokens=cfg.head == "attention",
+        )  # fmt: skip
+    views = {"view_params": params.numpy(), "view_logits": logits}
+    if cfg.features:
+        views["view_features"] = features
+    return views
+
+
+def _views_line(
+    cfg: CacheTeacherConfig,
+    task: str,
+    labels: np.ndarray,
+    view_logits: np.ndarray,
+    quality: dict[str, dict[str, float]],
+) -> str:
+    """The teacher's train AUC on its views (mean, min, max over the K) beside the plain view's."""
+    aucs = [_metrics(task, labels, view_logits[:, k])["auc"] for k in range(view_logits.shape[1])]
+    return (
+        f"{cfg.views} {cfg.augment} views of each training image: teacher train AUC {np.mean(aucs):.3f} "
+        f"(views {min(aucs):.3f}–{max(aucs):.3f}; plain view {quality['train']['auc']:.3f})"
+    )
 
 
 def _logits_and_heads(
@@ -366,9 +429,10 @@ def inspect_cache(path: str | os.PathLike, console: Console | None = None) -> di
         for split in SPLITS
     }
     head_check = _head_check(cache)
+    views = {"views": cache.views, "augment": cache.attrs["augment"], "train": cache.view_metrics()}
 
     provenance = Table(title=f"teacher cache {cache.path}", show_header=False)
-    for key in ("medkd_format", *PROVENANCE, "cross_fit"):
+    for key in ("medkd_format", *PROVENANCE, "cross_fit", "views", "augment"):
         if key in cache.attrs:
             value = cache.attrs[key]
             provenance.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
@@ -398,6 +462,14 @@ def inspect_cache(path: str | os.PathLike, console: Console | None = None) -> di
             f"cached logits), {cache.head_attrs.get('in_fold_train_auc', float('nan')):.4f} in-fold; val "
             f"{splits['val']['auc']:.4f}, test {splits['test']['auc']:.4f} (mean of the fold heads)"
         )
+    if cache.views:
+        aucs = [m["auc"] for m in views["train"]]
+        console.print(
+            f"{cache.views} {cache.augment} views of each training image, teacher train AUC per view: "
+            f"{', '.join(f'{a:.4f}' for a in aucs)} (mean {np.mean(aucs):.4f}; plain view "
+            f"{splits['train']['auc']:.4f})",
+            soft_wrap=True,
+        )
     what = HEAD_INPUTS.get(cache.head_kind, "features")
     note = f"{head_check['note']}; " if head_check["note"] else ""
     if head_check["max_abs_diff"] is None:
@@ -414,4 +486,5 @@ def inspect_cache(path: str | os.PathLike, console: Console | None = None) -> di
         "head": cache.head_attrs,
         "splits": splits,
         "head_check": head_check,
+        "views": views,
     }

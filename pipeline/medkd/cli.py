@@ -32,6 +32,7 @@ from medkd.config import (
 )
 from medkd.errors import MedkdError
 from medkd.registry import (
+    AUGMENTS,
     HEADS,
     INTERPOLATIONS,
     LAUNCHERS,
@@ -255,6 +256,25 @@ def student_options(cls: type, grid: bool) -> Callable:
         ),
         option(cls, "interpolation", type=click.Choice(INTERPOLATIONS)),
         option(cls, "patience", type=int, help="Stop after this many epochs without a better val AUC."),
+        option(
+            cls,
+            "augment",
+            type=click.Choice(AUGMENTS),
+            help="Augmentation preset: drawn on the fly without teacher outputs (--alpha 1); with them it "
+            "must be the multi-view cache's [default: the cache's views, else none].",
+        ),
+        option(
+            cls,
+            "views",
+            type=int,
+            help="Train on the first N views of a multi-view cache (0: the plain view) [default: all].",
+        ),
+        option(
+            cls,
+            "feature_weight",
+            type=float,
+            help="Weight of 1 - cos(P·student features, cached teacher features), P a learned projector.",
+        ),
     )
 
 
@@ -331,6 +351,8 @@ C = CacheTeacherConfig
 @option(C, "keep_tokens", is_flag=True, help="Keep the patch tokens the attention head was trained on.")
 @option(C, "cross_fit", type=int, help="K folds: out-of-fold train logits from K heads (1: one head).")
 @option(C, "min_teacher_auc", type=float, help="Refuse a cache whose teacher val AUC is lower (0: off).")
+@option(C, "views", type=int, help="Augmented views of every training image the teacher also sees (K).")
+@option(C, "augment", type=click.Choice(AUGMENTS), help="Preset the K views are drawn from.")
 @option(C, "feature_batch_size", type=int)
 @click.option("--no-features", "features", flag_value=False, default=True, help="Do not store features.")
 @option(C, "out", help="Cache path [default: cache/<flag>_<size>_<teacher>.h5].")

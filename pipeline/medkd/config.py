@@ -15,6 +15,7 @@ from typing import Any
 
 from medkd.errors import MedkdError
 from medkd.registry import (
+    AUGMENTS,
     HEADS,
     INTERPOLATIONS,
     LAUNCHERS,
@@ -40,7 +41,15 @@ else:  # pragma: no cover
 RUN_OPTIONS = ("out", "force", "quiet", "data_dir", "device", "resume", "download")
 # Distill options added after runs existed, with the value those runs implied: at that value they stay
 # out of the config hash, so a finished run keeps its hash (sweeps skip it, --resume finds it).
-ADDED_DEFAULTS = {"optimizer": "adam", "weight_decay": 0.0, "schedule": "multistep", "warmup_epochs": 0}
+ADDED_DEFAULTS = {
+    "optimizer": "adam",
+    "weight_decay": 0.0,
+    "schedule": "multistep",
+    "warmup_epochs": 0,
+    "augment": None,
+    "views": None,
+    "feature_weight": 0.0,
+}
 
 
 def _check(ok: bool, message: str) -> None:
@@ -116,6 +125,8 @@ class CacheTeacherConfig:
     keep_tokens: bool = False  # keep the patch tokens an attention head was trained on
     cross_fit: int = 1  # K >= 2: out-of-fold train logits from K heads, each trained on K-1 folds
     min_teacher_auc: float = 0.6  # refuse to write a cache whose teacher val AUC is lower (0: never)
+    views: int = 1  # augmented views of every training image the teacher is run on (K)
+    augment: str = "none"  # the preset those views are drawn from (`medkd.views.PRESETS`)
     epochs: int = 100
     batch_size: int = 32
     lr: float = 1e-3
@@ -160,9 +171,22 @@ class CacheTeacherConfig:
         _check(
             self.feature_batch_size >= 1, f"--feature-batch-size must be >= 1, got {self.feature_batch_size}"
         )
+        _check(self.augment in AUGMENTS, f"unknown --augment '{self.augment}'; valid: {', '.join(AUGMENTS)}")
+        _check(self.views >= 1, f"--views must be >= 1 augmented views per training image, got {self.views}")
+        _check(
+            self.views == 1 or self.augment != "none",
+            f"--views {self.views} with --augment none would store the plain view {self.views} times; pick "
+            f"a preset: --augment {' | '.join(a for a in AUGMENTS if a != 'none')}",
+        )
+
+    @property
+    def has_views(self) -> bool:
+        """Whether the teacher also runs on augmented views (a multi-view cache)."""
+        return self.augment != "none"
 
     def out_path(self) -> Path:
-        """Where the cache goes: `--out`, else `cache/<flag>_<size>_<teacher>.h5`.
+        """Where the cache goes: `--out`, else `cache/<flag>_<size>_<teacher>.h5`, with
+        `_<preset>-v<K>` for a multi-view cache (so it never replaces the plain one).
 
         A run teacher is named by its folder names: `cache/<flag>_<size>_run-<name>[+<name>...].h5`.
         """
@@ -172,7 +196,8 @@ class CacheTeacherConfig:
             name = "run-" + "+".join(Path(p).name for p in run_teacher_paths(self.teacher))
         else:
             name = path_safe(self.teacher)
-        return Path("cache") / f"{self.dataset}_{self.size}_{name}.h5"
+        views = f"_{self.augment}-v{self.views}" if self.has_views else ""
+        return Path("cache") / f"{self.dataset}_{self.size}_{name}{views}.h5"
 
 
 @dataclass(frozen=True)
@@ -197,6 +222,11 @@ class DistillConfig:
     schedule: str = "multistep"
     warmup_epochs: int = 0
     patience: int | None = None
+    # None: a multi-view cache's preset (else no augmentation); a preset: drawn on the fly for a run
+    # without teacher logits, and checked against a multi-view cache's for one with them
+    augment: str | None = None
+    views: int | None = None  # the first N views of a multi-view cache (None: all; 0: the plain view only)
+    feature_weight: float = 0.0  # beta of the cosine feature-distillation term (0: none)
     out: str | None = None
     data_dir: str | None = None
     download: bool = False
@@ -236,6 +266,7 @@ class DistillConfig:
             f"--student-size must be >= 8 pixels, got {self.student_size}",
         )
         _check(self.patience is None or self.patience >= 1, f"--patience must be >= 1, got {self.patience}")
+        _check_views(self.augment, self.views, self.feature_weight, self.cache)
         _check(
             self.cache is not None or self.dataset is not None,
             "give --cache CACHE (knowledge distillation) or --dataset FLAG with --alpha 1 (baseline)",
@@ -245,6 +276,22 @@ class DistillConfig:
             f"--alpha {self.alpha} needs teacher logits: give --cache CACHE, or use --alpha 1 for the "
             f"supervised baseline",
         )
+
+
+def _check_views(augment: str | None, views: int | None, feature_weight: float, cache: str | None) -> None:
+    _check(
+        augment is None or augment in AUGMENTS, f"unknown --augment '{augment}'; valid: {', '.join(AUGMENTS)}"
+    )
+    _check(views is None or views >= 0, f"--views must be >= 0 (0: the plain view only), got {views}")
+    _check(
+        views is None or cache is not None,
+        f"--views {views} picks views of a multi-view cache; without --cache, augment with --augment PRESET",
+    )
+    _check(feature_weight >= 0, f"--feature-weight must be >= 0, got {feature_weight}")
+    _check(
+        feature_weight == 0 or cache is not None,
+        f"--feature-weight {feature_weight} distils the cached teacher features: give --cache CACHE",
+    )
 
 
 def config_fields(cls: type) -> list[str]:
@@ -370,6 +417,9 @@ class SweepConfig:
     schedule: str = "multistep"
     warmup_epochs: int = 0
     patience: int | None = None
+    augment: str | None = None
+    views: int | None = None
+    feature_weight: float = 0.0
     out: str | None = None
     data_dir: str | None = None
     download: bool = False

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from medkd.errors import MedkdError
 from medkd.files import file_md5
+from medkd.views import apply_views
 
 SPLITS = ("train", "val", "test")
 MULTILABEL = "multi-label, binary-class"
@@ -218,11 +219,17 @@ class Batch(NamedTuple):
     targets: torch.Tensor  # (B,) int64 class, or (B, L) float for multi-label
 
 
-def prepare_images(x: torch.Tensor, view: View) -> torch.Tensor:
-    """uint8 (B, H, W) or (B, H, W, 3) on the device → normalised float (B, 3, S, S) on the same device."""
+def prepare_images(x: torch.Tensor, view: View, params: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (B, H, W) or (B, H, W, 3) on the device → normalised float (B, 3, S, S) on the same device.
+
+    With `params` (B, P), each image is first turned into its augmented view (`medkd.views`) at its own
+    size, so a view's row gives the same view at every model size.
+    """
     if x.dim() == 3:
         x = x.unsqueeze(-1)
     x = x.permute(0, 3, 1, 2).float().div_(255)  # (B, C, H, W)
+    if params is not None:
+        x = apply_views(x, params)
     if x.shape[-1] != view.size:
         antialias = view.interpolation in ("bilinear", "bicubic")
         x = F.interpolate(x, size=(view.size, view.size), mode=view.interpolation, antialias=antialias)
@@ -258,14 +265,17 @@ class DeviceSplit:
         view: View,
         shuffle: bool = False,
         generator: torch.Generator | None = None,
+        views: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     ) -> Iterator[Batch]:
-        """Yield batches in order, or shuffled with `generator` (a CPU generator, so runs repeat)."""
+        """Yield batches in order, or shuffled with `generator` (a CPU generator, so runs repeat); with
+        `views`, each batch's images are the views (`medkd.views`) whose parameters `views(index)` gives."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         order = order.to(self.device)
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            yield Batch(idx, prepare_images(self.images[idx], view), self.targets[idx])
+            params = views(idx) if views is not None else None  # (B, P) or None
+            yield Batch(idx, prepare_images(self.images[idx], view, params), self.targets[idx])
 
 
 # ---------------------------------------------------------------- synthetic MedMNIST-format data

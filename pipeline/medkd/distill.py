@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
 
 from medkd.cache import TeacherCache
 from medkd.config import DistillConfig, path_safe, short_number, to_dict
@@ -38,8 +39,16 @@ from medkd.runs import (
     write_predictions,
     write_result,
 )
-from medkd.students import build_student
-from medkd.train import LoopState, NonFiniteLossError, evaluate_model, resolve_device, train_epochs
+from medkd.students import FeatureTap, build_student
+from medkd.train import (
+    Augmentation,
+    FeatureDistillation,
+    LoopState,
+    NonFiniteLossError,
+    evaluate_model,
+    resolve_device,
+    train_epochs,
+)
 
 # The epoch checkpoint is written after epoch 1 and then at most this often: a ResNet50 with its Adam
 # state is ~300 MB, which on a GPU can take longer than a small dataset's epoch.
@@ -60,6 +69,46 @@ class Inputs:
 
 
 @dataclass
+class Sources:
+    """What the student learns from beside the labels, on the CPU: the teacher's logits (N, C) or, for
+    stored views, (N, K, C); its features likewise (only with --feature-weight); how images are varied."""
+
+    logits: torch.Tensor | None
+    features: torch.Tensor | None
+    augmentation: Augmentation | None
+    views: int | None = None  # K stored views used; None: plain, or views drawn on the fly
+
+    def describe(self) -> dict[str, Any] | None:
+        """result.json's `augment`: the preset and the stored views used (None: drawn on the fly)."""
+        if self.augmentation is None:
+            return None
+        return {"preset": self.augmentation.preset, "views": self.views}
+
+    def augmentation_on(self, device: torch.device) -> Augmentation | None:
+        """The augmentation with its stored views' parameters on the training device."""
+        aug = self.augmentation
+        if aug is None or aug.params is None:
+            return aug
+        return Augmentation(aug.preset, aug.params.to(device))
+
+    def feature_distillation(
+        self, weight: float, model: nn.Module, device: torch.device
+    ) -> FeatureDistillation | None:
+        """The feature term for `model` (a fresh projector to the teacher's width), or None without one."""
+        if self.features is None:
+            return None
+        tap = FeatureTap(model)
+        projector = nn.Linear(tap.dim, self.features.shape[-1]).to(device)
+        return FeatureDistillation(weight, projector, tap, self.features.to(device))
+
+    def label(self) -> str:
+        """The run-name part: `medmnist-v8` (stored views), `medmnist` (on the fly), or "" (plain)."""
+        if self.augmentation is None:
+            return ""
+        return self.augmentation.preset + (f"-v{self.views}" if self.views else "")
+
+
+@dataclass
 class RunSoFar:
     """The run so far: its history and best epoch (with that epoch's weights); an epoch checkpoint's core."""
 
@@ -68,12 +117,62 @@ class RunSoFar:
     best_state: dict[str, torch.Tensor] | None = None
 
 
-def run_name(cfg: DistillConfig, dataset: str, size: int, teacher: str | None) -> str:
-    """A readable default folder name: `breastmnist_28_resnet50-28_dinov2_vitb14_a0.2_t2_s0`."""
+def run_name(cfg: DistillConfig, dataset: str, size: int, teacher: str | None, views: str = "") -> str:
+    """A readable default folder name: `breastmnist_28_resnet50-28_dinov2_vitb14_a0.2_t2_s0`, with
+    `_medmnist-v8` for views and `_fw1` for a feature term."""
     student_size = cfg.student_size or size
-    source = "baseline" if cfg.alpha == 1.0 or teacher is None else teacher
+    source = "baseline" if (cfg.alpha == 1.0 and not cfg.feature_weight) or teacher is None else teacher
     knobs = f"a{short_number(cfg.alpha)}_t{short_number(cfg.temperature)}_s{cfg.seed}"
+    knobs += f"_{views}" if views else ""
+    knobs += f"_fw{short_number(cfg.feature_weight)}" if cfg.feature_weight else ""
     return f"{dataset}_{size}_{path_safe(cfg.student)}-{student_size}_{source}_{knobs}"
+
+
+def training_sources(cfg: DistillConfig, cache: TeacherCache | None) -> Sources:
+    """The teacher logits, features and augmentation of a run, checked against the cache.
+
+    A multi-view cache's stored views are what the run trains on (the first `--views` of them; 0: the
+    plain view). Augmentation without stored views is drawn on the fly, and only for a run that uses no
+    teacher output: the plain view's logits are not the teacher's on an augmented image.
+    """
+    kd, fkd = cfg.alpha < 1.0, cfg.feature_weight > 0
+    if cache is not None and cache.views and cfg.views != 0:
+        k = cfg.views or cache.views
+        if k > cache.views:
+            raise MedkdError(
+                f"--views {k}: cache {cfg.cache} stores {cache.views} views per training image; pass "
+                f"--views 1..{cache.views}, or --views 0 for the plain view"
+            )
+        if cfg.augment is not None and cfg.augment != cache.augment:
+            raise MedkdError(
+                f"--augment {cfg.augment} does not match cache {cfg.cache}, whose views are {cache.augment} "
+                f"views; drop --augment (the run trains on the cache's views) or build a cache with "
+                f"--augment {cfg.augment}"
+            )
+        return Sources(
+            cache.view_logits[:, :k] if kd else None,
+            torch.from_numpy(cache.view_features()[:, :k]) if fkd else None,
+            Augmentation(cache.augment, cache.view_params[:, :k]),
+            k,
+        )
+    if cache is not None and cfg.views:
+        raise MedkdError(
+            f"--views {cfg.views}: cache {cfg.cache} stores the plain view only; build a multi-view cache "
+            f"with `medkd cache-teacher ... --views 8 --augment medmnist`, or drop --views"
+        )
+    augment = cfg.augment not in (None, "none")
+    if augment and cache is not None and (kd or fkd):
+        raise MedkdError(
+            f"--augment {cfg.augment} with a teacher needs the teacher's outputs on the same views, and "
+            f"{cfg.cache} holds {'views not used (--views 0)' if cache.views else 'the plain view only'}; "
+            f"build a multi-view cache with `medkd cache-teacher ... --views 8 --augment {cfg.augment}`, or "
+            f"use --alpha 1 for an augmented baseline"
+        )
+    return Sources(
+        cache.logits["train"] if cache is not None and kd else None,
+        torch.from_numpy(cache.features("train")) if cache is not None and fkd else None,
+        Augmentation(cfg.augment) if augment else None,
+    )
 
 
 def distill(
@@ -84,8 +183,10 @@ def distill(
     started = time.perf_counter()
     inputs = load_inputs(cfg, cache)
     cache = inputs.cache
+    sources = training_sources(cfg, cache)
     teacher = cache.attrs["teacher"] if cache else None
-    run_dir = Path(cfg.out) if cfg.out else Path("runs") / run_name(cfg, inputs.dataset, inputs.size, teacher)
+    name = run_name(cfg, inputs.dataset, inputs.size, teacher, sources.label())
+    run_dir = Path(cfg.out) if cfg.out else Path("runs") / name
     config = to_dict(cfg)
     chash = config_hash(config, cache.fingerprint if cache else None)
     if cfg.resume and (run_dir / RESULT).exists():
@@ -98,8 +199,11 @@ def distill(
     torch.manual_seed(cfg.seed)
     student_size = cfg.student_size or inputs.size
     model = build_student(cfg.student, inputs.n_outputs, student_size, cfg.student_weights).to(device)
+    feature_kd = sources.feature_distillation(cfg.feature_weight, model, device)
+    # The projector trains with the student (one optimizer) but is not part of it: best.pt holds the student.
+    trained = model if feature_kd is None else nn.ModuleList([model, feature_kd.projector])
     loop = LoopState.create(
-        model, cfg.lr, cfg.epochs, cfg.milestones, cfg.seed, optimizer=cfg.optimizer,
+        trained, cfg.lr, cfg.epochs, cfg.milestones, cfg.seed, optimizer=cfg.optimizer,
         weight_decay=cfg.weight_decay, schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
     )  # fmt: skip
     checkpoint = read_epoch_checkpoint(run_dir, chash, config, cache) if cfg.resume else None
@@ -109,6 +213,8 @@ def distill(
     run = RunSoFar()
     if checkpoint is not None:
         run = resume(checkpoint, model, loop, run_dir)
+        if feature_kd is not None:
+            feature_kd.projector.load_state_dict(checkpoint["projector"])
         console.print(f"resuming {run_dir} after epoch {loop.epoch} of {cfg.epochs}", soft_wrap=True)
 
     channels_last = device.type == "cuda"
@@ -116,9 +222,10 @@ def distill(
         model = model.to(memory_format=torch.channels_last)
     view = View(student_size, interpolation=cfg.interpolation, channels_last=channels_last)
     splits = {s: DeviceSplit(*inputs.arrays[s], inputs.task, device) for s in SPLITS}
-    teacher_logits = cache.logits["train"].to(device) if cache and cfg.alpha < 1.0 else None
+    teacher_logits = sources.logits.to(device) if sources.logits is not None else None
     checkpointing = {"config": config, "config_hash": chash}
-    train_run(cfg, model, loop, splits, view, teacher_logits, run, run_dir, checkpointing, console)
+    extras = {"augmentation": sources.augmentation_on(device), "feature_kd": feature_kd}
+    train_run(cfg, model, loop, splits, view, teacher_logits, run, run_dir, checkpointing, console, extras)
 
     model.load_state_dict(run.best_state)
     val_metrics, _ = evaluate_model(model, splits["val"], view)
@@ -136,7 +243,8 @@ def distill(
         task=inputs.task,
         n_outputs=inputs.n_outputs,
         student_size=student_size,
-        baseline=teacher_logits is None,
+        baseline=teacher_logits is None and feature_kd is None,
+        augment=sources.describe(),
         teacher=cache.summary(cfg.cache) if cache else None,
         data_sha256=inputs.data_sha256,
         history=run.history,
@@ -198,8 +306,12 @@ def train_run(
     run_dir: Path,
     checkpointing: dict[str, Any],
     console: Console,
+    extras: dict[str, Any] | None = None,
 ) -> None:
-    """The epochs, with a progress bar: `best.pt` at each new best, `last.pt` now and then, early stop."""
+    """The epochs, with a progress bar: `best.pt` at each new best, `last.pt` now and then, early stop.
+
+    `extras` are `train_epochs`' augmentation and feature_kd (a projector is saved in `last.pt`)."""
+    extras = extras or {}
     steps_per_epoch = -(-len(splits["train"]) // cfg.batch_size)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"))
     with Progress(
@@ -211,8 +323,11 @@ def train_run(
         epochs = train_epochs(
             model, splits["train"], splits["val"], view, loop, teacher_logits=teacher_logits,
             alpha=cfg.alpha, temperature=cfg.temperature, batch_size=cfg.batch_size,
-            on_step=lambda: progress.advance(bar),
+            on_step=lambda: progress.advance(bar), **extras,
         )  # fmt: skip
+        feature_kd = extras.get("feature_kd")
+        if feature_kd is not None:
+            checkpointing = {**checkpointing, "projector": feature_kd.projector.state_dict()}
         saved_epoch, saved_at = loop.epoch, time.monotonic()
         try:
             for stats in epochs:

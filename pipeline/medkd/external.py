@@ -85,8 +85,10 @@ class ExternalTeacher(Teacher):
         cls = prefix[:, 0]  # (B, D); register tokens, if any, follow it and are left out
         return cls if self.pool == "cls" else torch.cat([cls, patches.mean(dim=1)], dim=1)  # (B, 2D)
 
-    def forward(self, images: torch.Tensor, with_tokens: bool = False) -> TeacherOutput:
-        prefix, patches = self.tower(self.prepare(images, self.view))
+    def forward(
+        self, images: torch.Tensor, with_tokens: bool = False, views: torch.Tensor | None = None
+    ) -> TeacherOutput:
+        prefix, patches = self.tower(self.prepare(images, self.view, views))
         return TeacherOutput(self.pooled(prefix, patches), None, patches if with_tokens else None)
 
     def provenance(self) -> dict[str, Any]:

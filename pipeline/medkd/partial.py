@@ -32,6 +32,12 @@ def tokens_partial_path(out: str | os.PathLike) -> Path:
     return out.parent / f".{out.name}.tokens.partial"
 
 
+def views_partial_path(out: str | os.PathLike) -> Path:
+    """The temporary file of the multi-view pass (`--views K`), beside the cache it is for."""
+    out = Path(out)
+    return out.parent / f".{out.name}.views.partial"
+
+
 def keep_tokens(partial: str | os.PathLike, cache: str | os.PathLike) -> Path:
     """Make the finished tokens partial file the kept tokens of `cache`, marked with its fingerprint."""
     with h5py.File(partial, "a") as f:

@@ -103,6 +103,8 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("multistep", "cosine")
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+# Augmentation presets of multi-view caches and students (`medkd.views.PRESETS` holds their parameters).
+AUGMENTS = ("none", "flip", "crop", "medmnist")
 LAUNCHERS = ("local", "ray", "slurm")
 SLURM_CLUSTERS = ("slurm", "local", "debug")  # submitit executors; "local" runs the array as local processes
 

@@ -35,6 +35,8 @@ GROUP_FIELDS = (
     "temperature",
     "lr",
     "epochs",
+    "augment",
+    "feature_weight",
 )
 CSV_FIELDS = (
     "kind",
@@ -111,7 +113,17 @@ def _run_key(result: RunResult) -> tuple:
         cfg.get("interpolation"),
         cfg.get("student_weights"),
         result.data_sha256.get("test"),  # synthetic and genuine data of one flag differ
+        _augment_label(result),
+        cfg.get("feature_weight", 0.0),
     )
+
+
+def _augment_label(result: RunResult) -> str:
+    """`medmnist-v8` (K stored views of a cache), `medmnist` (drawn on the fly), or "" (no augmentation)."""
+    augment = result.augment
+    if not augment:
+        return ""
+    return augment["preset"] + (f"-v{augment['views']}" if augment.get("views") else "")
 
 
 def _student_row(runs: list[RunResult]) -> dict[str, Any]:
@@ -128,6 +140,8 @@ def _student_row(runs: list[RunResult]) -> dict[str, Any]:
         "temperature": None if baseline else first.temperature,
         "lr": first.lr,
         "epochs": first.config.get("epochs"),
+        "augment": _augment_label(first),
+        "feature_weight": first.config.get("feature_weight", 0.0),
         "batch_size": first.config.get("batch_size"),
         "n_seeds": len(runs),
         "seeds": sorted(r.seed for r in runs),
@@ -196,6 +210,8 @@ def summarise(results: list[RunResult]) -> list[dict[str, Any]]:
                 row["epochs"],
                 row["alpha"],
                 row["temperature"],
+                row["augment"],
+                row["feature_weight"],
             )
         )
 
@@ -221,6 +237,9 @@ def _display(row: dict[str, Any]) -> list[str]:
     student = "—" if kind == "teacher" else row["student"]
     if kind != "teacher" and row["student_size"] not in (None, row["size"]):
         student += f"@{row['student_size']}"
+    extras = [row.get("augment") or "", f"β={row['feature_weight']:g}" if row.get("feature_weight") else ""]
+    if kind != "teacher" and any(extras):  # how it trained: augmentation, feature distillation
+        student += f" ({', '.join(e for e in extras if e)})"
     epochs = "—" if kind == "teacher" else f"{row['best_epoch_mean']:.1f} / {row['epochs_run_mean']:.0f}"
     return [
         row["dataset"],

@@ -149,10 +149,13 @@ class RunTeacher(Teacher):
         self.feature_dim = sum(net.fc.in_features for net in self.nets)
         self.freeze()
 
-    def forward(self, images: torch.Tensor, with_tokens: bool = False) -> TeacherOutput:
+    def forward(
+        self, images: torch.Tensor, with_tokens: bool = False, views: torch.Tensor | None = None
+    ) -> TeacherOutput:
         if with_tokens:
             raise MedkdError("a run: teacher has no patch tokens; --head attention is for backbone teachers")
-        outputs = [net(self.prepare(images, m.view)) for m, net in zip(self.members, self.nets, strict=True)]
+        nets = zip(self.members, self.nets, strict=True)
+        outputs = [net(self.prepare(images, m.view, views)) for m, net in nets]
         logits = ensemble_logits([lg.float() for lg, _ in outputs])  # (B, C)
         return TeacherOutput(torch.cat([f for _, f in outputs], dim=1), logits)  # (B, D1 + D2 + ...)
 

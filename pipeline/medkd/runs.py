@@ -61,6 +61,7 @@ class RunResult:
     student_size: int | None = None
     baseline: bool = False
     teacher: dict[str, Any] | None = None  # the cache's teacher, fingerprint and test metrics
+    augment: dict[str, Any] | None = None  # {"preset", "views": K stored views or None (on the fly)}
     data_sha256: dict[str, str] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     epochs_run: int = 0

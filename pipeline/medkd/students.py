@@ -71,6 +71,29 @@ def student_classifier(model: nn.Module) -> nn.Linear:
     return layer
 
 
+class FeatureTap:
+    """The penultimate features (B, D) of the student's latest forward pass, `features`: its classifier's
+    input, caught by a forward pre-hook, so feature distillation costs no second pass and no model copy."""
+
+    def __init__(self, model: nn.Module):
+        layer = model.fc if isinstance(model, torchvision.models.ResNet) else model.get_classifier()
+        if not isinstance(layer, nn.Linear):
+            raise MedkdError(
+                f"the student's classifier is a {type(layer).__name__}, not a linear layer, so it has no "
+                f"penultimate feature vector for --feature-weight; use a ResNet or a timm model with a "
+                f"linear classifier"
+            )
+        self.dim = layer.in_features
+        self.features: torch.Tensor | None = None
+        self._handle = layer.register_forward_pre_hook(self._keep)
+
+    def _keep(self, _layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        self.features = inputs[0]
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
 def student_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The penultimate features (B, D) of a timm student: the input of `student_classifier(model)`."""
     return model.forward_head(model.forward_features(images), pre_logits=True)

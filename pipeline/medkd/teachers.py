@@ -39,16 +39,20 @@ class Teacher(nn.Module):
     def train(self, mode: bool = True) -> Teacher:
         return super().train(False)  # frozen: dropout and friends stay off whatever the caller asks
 
-    def forward(self, images: torch.Tensor, with_tokens: bool = False) -> TeacherOutput:
+    def forward(
+        self, images: torch.Tensor, with_tokens: bool = False, views: torch.Tensor | None = None
+    ) -> TeacherOutput:
         """uint8 images (B, H, W[, 3]) on the teacher's device → features (B, D), logits (B, C) or None,
-        and with `with_tokens` the patch tokens (B, T, D_tok); a teacher without tokens raises MedkdError."""
+        and with `with_tokens` the patch tokens (B, T, D_tok); a teacher without tokens raises MedkdError.
+        With `views` (B, P) (`medkd.views`), of each image's augmented view instead of the plain one."""
         raise NotImplementedError
 
-    def prepare(self, images: torch.Tensor, view: View) -> torch.Tensor:
-        """The normalised (B, 3, S, S) input of `view`, channels_last on CUDA (as the modules are)."""
+    def prepare(self, images: torch.Tensor, view: View, views: torch.Tensor | None = None) -> torch.Tensor:
+        """The normalised (B, 3, S, S) input of `view` (of each image's augmented view, given `views`),
+        channels_last on CUDA (as the modules are)."""
         if images.device.type == "cuda" and not view.channels_last:
             view = View(view.size, view.mean, view.std, view.interpolation, channels_last=True)
-        return prepare_images(images, view)
+        return prepare_images(images, view, views)
 
     def to_device(self, device: torch.device) -> Teacher:
         """Move to `device`; on CUDA also to channels_last, the faster layout for convolutions and ViTs."""
@@ -91,16 +95,21 @@ def backbone_provenance(
 
 @torch.inference_mode()
 def encode(
-    teacher: Teacher, images: torch.Tensor, batch_size: int, with_tokens: bool = False
+    teacher: Teacher,
+    images: torch.Tensor,
+    batch_size: int,
+    with_tokens: bool = False,
+    views: torch.Tensor | None = None,
 ) -> TeacherOutput:
     """`teacher` over every image of `images` (uint8, on the teacher's device) in order, `batch_size` at
     a time: features (N, D) and logits (N, C) or None, float32 on the CPU; with `with_tokens` also the
-    tokens (N, T, D_tok) in float16 (what they are stored as)."""
+    tokens (N, T, D_tok) in float16 (what they are stored as); with `views` (N, P), of those views."""
     on_cuda = images.device.type == "cuda"
     features, logits, tokens = [], [], []
     for start in range(0, len(images), batch_size):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-            out = teacher(images[start : start + batch_size], with_tokens=with_tokens)
+            rows = views[start : start + batch_size] if views is not None else None
+            out = teacher(images[start : start + batch_size], with_tokens=with_tokens, views=rows)
         features.append(out.features.float().cpu())
         if out.logits is not None:
             logits.append(out.logits.float().cpu())

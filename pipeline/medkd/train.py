@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medkd.config import lr_milestones
@@ -21,6 +23,8 @@ from medkd.errors import MedkdError
 from medkd.losses import kd_loss
 from medkd.metrics import evaluate, scores_from_logits
 from medkd.registry import OPTIMIZERS, SCHEDULES
+from medkd.students import FeatureTap
+from medkd.views import sample_views
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,6 +76,53 @@ class EpochStats:
     val_acc: float
     seconds: float
     images_per_second: float
+    feature: float | None = None  # the 1 - cos feature term (before its weight); None without one
+
+
+@dataclass
+class Augmentation:
+    """How a step varies the training images: each image shown as one of its K stored views, chosen
+    afresh every epoch (`params` (N, K, P) of a multi-view cache, on the training device), or as a view
+    of `preset` drawn afresh for every batch (`params` None)."""
+
+    preset: str
+    params: torch.Tensor | None = None
+
+    def choose(self, n: int, generator: torch.Generator) -> torch.Tensor | None:
+        """Each image's view for one epoch (N,), on the params' device; None for views drawn per batch."""
+        if self.params is None:
+            return None
+        return torch.randint(self.params.shape[1], (n,), generator=generator).to(self.params.device)
+
+    def params_of(
+        self, index: torch.Tensor, chosen: torch.Tensor | None, generator: torch.Generator
+    ) -> torch.Tensor:
+        """The view parameters (B, P) of the images `index` of a batch."""
+        if self.params is None:
+            return sample_views(self.preset, len(index), generator).to(index.device)
+        return self.params[index, chosen[index]]
+
+
+def per_view(values: torch.Tensor, index: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:
+    """Rows `index` of per-image values (N, ·), or of per-view values (N, K, ·) at each image's view."""
+    return values[index] if chosen is None else values[index, chosen[index]]
+
+
+@dataclass
+class FeatureDistillation:
+    """`weight · (1 − cos(P·f_s, f_t))`: the student's penultimate features f_s (caught by `tap`) through
+    the learned linear projector P (trained with the student, not part of it), against the cached
+    teacher features f_t of the same view: `teacher` (N, D), or (N, K, D) for stored views."""
+
+    weight: float
+    projector: nn.Linear
+    tap: FeatureTap
+    teacher: torch.Tensor
+
+    def term(self, index: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:
+        target = per_view(self.teacher, index, chosen).float()  # (B, D_t)
+        projected = self.projector(self.tap.features.float())  # (B, D_t)
+        return 1 - F.cosine_similarity(projected, target, dim=1).mean()
 
 
 class NonFiniteLossError(MedkdError):
@@ -183,13 +234,16 @@ def train_epochs(
     temperature: float,
     batch_size: int,
     on_step: Callable[[], None] | None = None,
+    augmentation: Augmentation | None = None,
+    feature_kd: FeatureDistillation | None = None,
 ) -> Iterator[EpochStats]:
     """Train epochs `loop.epoch + 1 … loop.epochs` on `alpha·hard + (1−alpha)·T²·KL`, yielding after each.
 
     `loop` comes from `LoopState.create` (or a checkpoint); it is updated before each yield, so the
     caller can checkpoint it there. `teacher_logits` (N_train, C) are looked up by each batch's dataset
-    index, never by position. A NaN or inf loss raises `NonFiniteLossError` at the end of its epoch,
-    before anything of that epoch is yielded.
+    index, never by position; with an `augmentation` of stored views they are (N_train, K, C), looked up
+    at the view each image is shown as. `feature_kd` adds its term to the loss. A NaN or inf loss raises
+    `NonFiniteLossError` at the end of its epoch, before anything of that epoch is yielded.
     """
     if teacher_logits is not None and len(teacher_logits) != len(train):
         raise MedkdError(f"{len(teacher_logits)} teacher logits for {len(train)} training images")
@@ -198,31 +252,41 @@ def train_epochs(
         model.train()
         start, sums = time.perf_counter(), []
         current_lr = loop.optimizer.param_groups[0]["lr"]
-        for batch in train.batches(batch_size, view, shuffle=True, generator=loop.generator):
-            teacher = teacher_logits[batch.index] if teacher_logits is not None else None  # (B, C)
+        # Drawn before the shuffle, only with augmentation: a run without draws as it always has.
+        chosen = augmentation.choose(len(train), loop.generator) if augmentation is not None else None
+        views = None
+        if augmentation is not None:
+            views = functools.partial(augmentation.params_of, chosen=chosen, generator=loop.generator)
+        for batch in train.batches(batch_size, view, shuffle=True, generator=loop.generator, views=views):
+            teacher = per_view(teacher_logits, batch.index, chosen) if teacher_logits is not None else None
             with autocast(train.device):
                 logits = model(batch.images)  # (B, C)
             terms = kd_loss(logits.float(), teacher, batch.targets, alpha, temperature, multilabel)
+            loss, feature = terms.loss, torch.zeros_like(terms.ce)
+            if feature_kd is not None:
+                feature = feature_kd.term(batch.index, chosen)
+                loss = loss + feature_kd.weight * feature
             loop.optimizer.zero_grad(set_to_none=True)
-            terms.loss.backward()
+            loss.backward()
             loop.optimizer.step()
             # Kept on the device: a .item() per step would sync the GPU every step.
             kd = terms.kd if terms.kd is not None else torch.zeros_like(terms.ce)
-            sums.append(torch.stack([terms.loss.detach(), terms.ce.detach(), kd.detach()]) * len(batch.index))
+            parts = [loss.detach(), terms.ce.detach(), kd.detach(), feature.detach()]
+            sums.append(torch.stack(parts) * len(batch.index))
             if on_step is not None:
                 on_step()
-        sums = torch.stack(sums)  # (steps, 3): summed loss, ce and kd of each batch
+        sums = torch.stack(sums)  # (steps, 4): summed loss, ce, kd and feature term of each batch
         bad = (~torch.isfinite(sums[:, 0])).nonzero()
         if len(bad):
             first = int(bad[0, 0])
             raise NonFiniteLossError(sums[first, 0].item(), epoch, first + 1, len(sums))
         loop.scheduler.step()
         # Each column summed on its own, as a 1-D tensor: the same reduction order as a loss-only loop.
-        loss, ce, kd = (sums[:, i].contiguous().sum().item() / len(train) for i in range(3))
+        loss, ce, kd, feature = (sums[:, i].contiguous().sum().item() / len(train) for i in range(4))
         seconds = time.perf_counter() - start
         metrics, _ = evaluate_model(model, val, view)
         loop.epoch = epoch
         yield EpochStats(
             epoch, loss, ce, kd if alpha < 1 else None, current_lr, metrics["auc"], metrics["acc"],
-            seconds, len(train) / seconds,
+            seconds, len(train) / seconds, feature if feature_kd is not None else None,
         )  # fmt: skip

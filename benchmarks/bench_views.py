@@ -1,0 +1,137 @@
+"""Time per training step with augmentation: CE on views drawn on the fly (the augmented baseline) vs KD
+from a multi-view cache (the view's parameters and its K-view logits looked up by dataset index), with and
+without the cached-feature term; plain CE shows what the augmentation itself costs.
+
+Same student, same batches, same device; the variants are interleaved round by round. A KD step from the
+cache regenerates the view from stored parameters instead of drawing them, gathers the view's logits and
+adds the KL term, so it should cost what the augmented CE step costs (goal: kd_views / ce_aug <= 1.05).
+
+    .venv/bin/python benchmarks/bench_views.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+from collections.abc import Callable
+
+import torch
+from _common import (
+    add_threads_arg,
+    data_dir,
+    interleave,
+    median,
+    print_table,
+    ratio_line,
+    set_threads,
+    spread,
+)
+from torch import nn
+
+from medkd.data import DeviceSplit, View, dataset_info, load_arrays, num_outputs, prepare_images
+from medkd.losses import kd_loss
+from medkd.students import FeatureTap, build_student
+from medkd.train import Augmentation, FeatureDistillation, per_view
+from medkd.views import draw_views
+
+ALPHA, TEMPERATURE = 0.2, 2.0
+VARIANTS = ("ce_plain", "ce_aug", "kd_views", "kd_views_feature")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="batch 8, 6 rounds (< 1 min)")
+    parser.add_argument("--dataset", default="breastmnist")
+    parser.add_argument("--student", default="resnet18")
+    parser.add_argument("--size", type=int, default=28, help="student input size (px)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--views", type=int, default=8, help="K, the cached views per image")
+    parser.add_argument("--preset", default="medmnist")
+    parser.add_argument("--feature-dim", type=int, default=1280, help="the teacher's D (Lite0: 1280)")
+    parser.add_argument("--rounds", type=int, default=12, help="timed rounds (one untimed warm-up before)")
+    add_threads_arg(parser)
+    args = parser.parse_args()
+    if args.quick:
+        args.batch_size, args.rounds = 8, 6
+    set_threads(args.threads)
+
+    torch.manual_seed(0)
+    info = dataset_info(args.dataset)
+    images, labels = load_arrays(args.dataset, 28, data_dir())["train"]
+    train = DeviceSplit(images, labels, info["task"], "cpu")
+    n, n_out = len(train), num_outputs(info["task"], len(info["label"]))
+    view = View(args.size)
+    # What a K-view cache puts in memory: the views' parameters, logits and (fp16) features.
+    stored = Augmentation(args.preset, draw_views(args.preset, n, args.views, seed=0))
+    view_logits = torch.randn(n, args.views, n_out)
+    view_features = torch.randn(n, args.views, args.feature_dim).half()
+    fresh = Augmentation(args.preset)
+    generator = torch.Generator().manual_seed(0)
+    chosen = stored.choose(n, generator)
+
+    order = torch.randperm(n)
+    batches = [order[i : i + args.batch_size] for i in range(0, n - args.batch_size + 1, args.batch_size)]
+    base = build_student(args.student, n_out, args.size)
+
+    def variant(name: str) -> Callable[[], None]:
+        model = copy.deepcopy(base).train()  # the same initial student for every variant
+        feature_kd = None
+        params = list(model.parameters())
+        if name == "kd_views_feature":
+            tap = FeatureTap(model)
+            projector = nn.Linear(tap.dim, args.feature_dim)
+            feature_kd = FeatureDistillation(1.0, projector, tap, view_features)
+            params += list(projector.parameters())
+        optimizer = torch.optim.Adam(params, lr=1e-3)
+        cursor = itertools.count()
+
+        def run() -> None:
+            idx = batches[next(cursor) % len(batches)]
+            if name == "ce_plain":
+                views, t, alpha = None, None, 1.0
+            elif name == "ce_aug":
+                views, t, alpha = fresh.params_of(idx, None, generator), None, 1.0
+            else:
+                views, alpha = stored.params_of(idx, chosen, generator), ALPHA
+                t = per_view(view_logits, idx, chosen)  # (B, C): the shown view's logits
+            x = prepare_images(train.images[idx], view, views)  # (B, 3, S, S)
+            loss = kd_loss(model(x), t, train.targets[idx], alpha, TEMPERATURE).loss
+            if feature_kd is not None:
+                loss = loss + feature_kd.weight * feature_kd.term(idx, chosen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return run
+
+    times = interleave({name: variant(name) for name in VARIANTS}, rounds=args.rounds)
+    per_step = {name: median(t) for name, t in times.items()}
+    rows = [
+        [
+            name,
+            per_step[name] * 1e3,
+            spread([s * 1e3 for s in times[name]]),
+            args.batch_size / per_step[name],
+            per_step[name] / per_step["ce_aug"],
+        ]
+        for name in VARIANTS
+    ]
+    print_table(
+        f"bench_views: {args.student} at {args.size} px, batch {args.batch_size}, {args.dataset} train, "
+        f"{args.views} {args.preset} views, CPU; median of {args.rounds} interleaved rounds",
+        ["variant", "ms/step", "range", "img/s", "x ce_aug"],
+        rows,
+    )
+    aug = per_step["ce_aug"] / per_step["ce_plain"]
+    print(f"ce_aug / ce_plain = {aug:.3f} (what drawing and applying the views costs)")
+    feature = per_step["kd_views_feature"] / per_step["ce_aug"]
+    print(f"kd_views_feature / ce_aug = {feature:.3f}")
+    kd = per_step["kd_views"] / per_step["ce_aug"]
+    ratio_line("kd_views / ce_aug (time per step)", kd, "<= 1.05", kd <= 1.05)
+
+
+if __name__ == "__main__":
+    main()
