@@ -350,6 +350,17 @@ def test_inspect_shows_the_views_and_their_teacher_auc(multiview):
     assert "3 medmnist views of each training image" in text
 
 
+def test_inspect_checks_the_view_logits_against_the_view_features(synthetic_root, tmp_path):
+    cfg = tiny_cache_config(synthetic_root, tmp_path / "c.h5", views=2, augment="crop", device="cpu")
+    out = cache_teacher(cfg)
+    good = inspect_cache(out, console=Console(file=io.StringIO()))["head_check"]
+    assert good["status"] == "ok" and good["note"] == "checked on the plain view and the 2 views"
+    with h5py.File(out, "a") as f:
+        f["train/view_logits"][3, 1] += 1.0  # one view's logits no longer the head's on its features
+    bad = inspect_cache(out, console=Console(file=io.StringIO()))["head_check"]
+    assert bad["status"] == "MISMATCH" and bad["max_abs_diff"] == pytest.approx(1.0, abs=0.05)
+
+
 def test_write_cache_refuses_views_of_the_wrong_shape(multiview, tmp_path):
     n = multiview.split_attrs["train"]["n"]
     logits = {s: multiview.logits[s].numpy() for s in SPLITS}

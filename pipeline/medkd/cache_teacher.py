@@ -366,18 +366,25 @@ def teacher_outputs(
     return outputs
 
 
-def _reproduced(cache: TeacherCache, inputs: dict[str, Rows]) -> float:
-    """Max |stored head(inputs) - stored logits| over the splits; train per fold when cross-fitted."""
+def _reproduced(cache: TeacherCache, inputs: dict[str, Rows], views: list[Rows] | None = None) -> float:
+    """Max |stored head(inputs) - stored logits| over the splits (and each stored view's inputs against
+    its view logits); train per fold when cross-fitted."""
     head, fold_heads, diff = cache.head(), cache.fold_heads(), 0.0
+
+    def train_logits(rows: Rows) -> torch.Tensor:  # (N, C), each row from its fold's head
+        logits = torch.empty_like(cache.logits["train"])
+        for k, fold_head in enumerate(fold_heads):
+            fold = np.flatnonzero(cache.folds == k)
+            logits[fold] = predict(fold_head, rows.subset(fold))
+        return logits
+
     for split in SPLITS:
-        if split == "train" and fold_heads:
-            logits = torch.empty_like(cache.logits["train"])  # (N, C), each row from its fold's head
-            for k, fold_head in enumerate(fold_heads):
-                rows = np.flatnonzero(cache.folds == k)
-                logits[rows] = predict(fold_head, inputs["train"].subset(rows))
-        else:
-            logits = predict(head, inputs[split])
+        train = split == "train" and fold_heads
+        logits = train_logits(inputs[split]) if train else predict(head, inputs[split])
         diff = max(diff, (logits - cache.logits[split]).abs().max().item())
+    for k, rows in enumerate(views or []):
+        logits = train_logits(rows) if fold_heads else predict(head, rows)
+        diff = max(diff, (logits - cache.view_logits[:, k]).abs().max().item())
     return diff
 
 
@@ -399,14 +406,19 @@ def _head_check(cache: TeacherCache) -> dict[str, Any]:
         if not cache.has_features:
             return {**result, "status": "no features"}
         features = {split: torch.from_numpy(cache.features(split)).float() for split in SPLITS}  # (N, D)
-        diff = _reproduced(cache, {split: Rows(features[split]) for split in SPLITS})
+        views = torch.from_numpy(cache.view_features()).float() if cache.has_view_features else None
+        view_rows = [Rows(v) for v in views.unbind(dim=1)] if views is not None else None  # K of (N, D)
+        diff = _reproduced(cache, {split: Rows(features[split]) for split in SPLITS}, view_rows)
+        if views is not None:
+            features["views"] = views.flatten(0, 1)  # their |logit| bound too
         heads = cache.fold_heads() or [cache.head()]
         weight = torch.stack([h.weight.abs() for h in heads]).amax(
             dim=0
         )  # (C, D), the largest |w| of any head
         scale = max((f.abs() @ weight.T).max().item() for f in features.values())  # bound on |logit| terms
         # fp16 keeps 11 significant bits (relative error ≤ 2^-11 ≈ 5e-4 per feature); 1e-2·scale is generous.
-        result.update(max_abs_diff=diff, tolerance=1e-2 * scale + 1e-5)
+        note = f"checked on the plain view and the {cache.views} views" if views is not None else ""
+        result.update(max_abs_diff=diff, tolerance=1e-2 * scale + 1e-5, note=note)
     else:
         return result
     return {**result, "status": "ok" if result["max_abs_diff"] <= result["tolerance"] else "MISMATCH"}

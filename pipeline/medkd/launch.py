@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medkd.config import LaunchConfig
-from medkd.errors import MedkdError
+from medkd.errors import MedkdError, first_line
 from medkd.runs import ERROR, RESULT, write_error
 from medkd.trials import run_trials, trial_env
 
@@ -133,7 +133,7 @@ def _launch_ray(
                     try:
                         ray.get(ref)
                     except ray.exceptions.RayError as err:
-                        _lost(config, f"Ray lost the trial: {str(err).strip().splitlines()[0]}")
+                        _lost(config, f"Ray lost the trial: {first_line(err)}")
                     on_done(config)
         except KeyboardInterrupt:
             for ref in pending:

@@ -21,7 +21,7 @@ from torch import nn
 
 from medkd.config import RUN_OPTIONS, run_teacher_paths
 from medkd.data import SPLITS, View
-from medkd.errors import MedkdError
+from medkd.errors import MedkdError, first_line
 from medkd.files import file_sha256
 from medkd.registry import RUN_PREFIX
 from medkd.runs import CHECKPOINT, RESULT, RunResult, load_checkpoint, read_result
@@ -98,7 +98,7 @@ def load_member(run_dir: str | Path) -> RunMember:
         model = build_student(result.student, result.n_outputs, result.student_size)
         model.load_state_dict(stored["model"], strict=True)
     except (RuntimeError, MedkdError) as err:
-        first = str(err).strip().splitlines()[0]
+        first = first_line(err)
         raise MedkdError(
             f"{what}: {checkpoint} does not fit {result.student} with {result.n_outputs} outputs at "
             f"{result.student_size} px ({first})"
