@@ -35,7 +35,7 @@ from medkd.cache import (
 from medkd.config import CacheTeacherConfig, to_dict
 from medkd.data import SPLITS, DeviceSplit, dataset_info, load_arrays, num_outputs
 from medkd.errors import MedkdError
-from medkd.head import HEAD_INPUTS, FittedHeads, Rows, fit_heads, head_record, predict
+from medkd.head import HEAD_INPUTS, FittedHeads, Rows, fit_heads, fold_logits, head_record, predict
 from medkd.metrics import evaluate, scores_from_logits
 from medkd.partial import (
     PartialOutputs,
@@ -371,19 +371,14 @@ def _reproduced(cache: TeacherCache, inputs: dict[str, Rows], views: list[Rows] 
     its view logits); train per fold when cross-fitted."""
     head, fold_heads, diff = cache.head(), cache.fold_heads(), 0.0
 
-    def train_logits(rows: Rows) -> torch.Tensor:  # (N, C), each row from its fold's head
-        logits = torch.empty_like(cache.logits["train"])
-        for k, fold_head in enumerate(fold_heads):
-            fold = np.flatnonzero(cache.folds == k)
-            logits[fold] = predict(fold_head, rows.subset(fold))
-        return logits
+    def train_logits(rows: Rows) -> torch.Tensor:  # (N, C): out-of-fold when cross-fitted
+        return fold_logits(fold_heads, cache.folds, rows) if fold_heads else predict(head, rows)
 
     for split in SPLITS:
-        train = split == "train" and fold_heads
-        logits = train_logits(inputs[split]) if train else predict(head, inputs[split])
+        logits = train_logits(inputs[split]) if split == "train" else predict(head, inputs[split])
         diff = max(diff, (logits - cache.logits[split]).abs().max().item())
     for k, rows in enumerate(views or []):
-        logits = train_logits(rows) if fold_heads else predict(head, rows)
+        logits = train_logits(rows)
         diff = max(diff, (logits - cache.view_logits[:, k]).abs().max().item())
     return diff
 

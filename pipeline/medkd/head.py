@@ -136,6 +136,19 @@ def predict(head: nn.Module, inputs: Rows) -> torch.Tensor:
     return torch.cat([head(x.to(device)).float().cpu() for x in inputs.batches()])
 
 
+def fold_logits(heads: list[nn.Module], folds: np.ndarray, inputs: Rows) -> torch.Tensor:
+    """Logits (N, C) float32 on the CPU, each row from the head of its fold (`folds` (N,), 0..K-1): a
+    cross-fitted cache's out-of-fold train logits."""
+    logits = None
+    for k, head in enumerate(heads):
+        rows = np.flatnonzero(folds == k)
+        if len(rows):
+            part = predict(head, inputs.subset(rows))  # (N_k, C)
+            logits = torch.empty((len(inputs), part.shape[1])) if logits is None else logits
+            logits[torch.from_numpy(rows)] = part
+    return logits
+
+
 @contextmanager
 def _single_thread(enabled: bool) -> Iterator[None]:
     # A (D, C) linear layer on 32-row batches is microseconds of work: CPU threads cost more in start-up

@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from medkd.head import FittedHeads, Rows, head_record, predict
+from medkd.head import FittedHeads, Rows, fold_logits, head_record, predict
 from medkd.partial import PartialOutputs
 from medkd.teachers import Teacher, TeacherOutput, encode
 
@@ -37,14 +37,7 @@ def view_logits_fn(fitted: FittedHeads | None) -> ViewLogits:
         inputs = out.tokens if out.tokens is not None else out.features
         if fitted.folds is None:
             return predict(heads[0], Rows(inputs))
-        folds, result = fitted.folds[images], None
-        for k, head in enumerate(heads):
-            rows = torch.from_numpy(np.flatnonzero(folds == k))
-            if len(rows):
-                part = predict(head, Rows(inputs[rows]))  # (B_k, C)
-                result = torch.empty((len(images), part.shape[1])) if result is None else result
-                result[rows] = part
-        return result
+        return fold_logits(heads, fitted.folds[images], Rows(inputs))
 
     return logits
 
