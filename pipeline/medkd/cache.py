@@ -400,13 +400,18 @@ class TeacherCache:
     def _read_views(self, f: h5py.File) -> None:
         self.attrs.setdefault("views", 1)  # a version-1 cache: the plain view only
         self.attrs.setdefault("augment", augment_attr("none"))
-        problem = _views_problem(self.attrs, f["train"], self.split_attrs["train"]["n"])
+        # The views' params and logits into memory once; the check reads them from there, the features'
+        # shape from the file (they stay on disk until `view_features()`).
+        train = {name: f["train"][name] for name in f["train"]}
+        for name in ("view_params", "view_logits"):
+            if name in train:
+                train[name] = train[name][()]
+        problem = _views_problem(self.attrs, train, self.split_attrs["train"]["n"])
         if problem:
             raise self._fail(problem)
-        train = f["train"]
         stored = "view_logits" in train
-        self.view_params = torch.from_numpy(train["view_params"][()]) if stored else None  # (N, K, P)
-        self.view_logits = torch.from_numpy(train["view_logits"][()]) if stored else None  # (N, K, C)
+        self.view_params = torch.from_numpy(train["view_params"]) if stored else None  # (N, K, P)
+        self.view_logits = torch.from_numpy(train["view_logits"]) if stored else None  # (N, K, C)
         self.has_view_features = "view_features" in train
 
     def _view_arrays(self) -> dict[str, np.ndarray] | None:
