@@ -76,7 +76,12 @@ class Sources:
     logits: torch.Tensor | None
     features: torch.Tensor | None
     augmentation: Augmentation | None
-    views: int | None = None  # K stored views used; None: plain, or views drawn on the fly
+
+    @property
+    def views(self) -> int | None:
+        """K, the stored views used; None: the plain view, or views drawn on the fly."""
+        aug = self.augmentation
+        return aug.params.shape[1] if aug is not None and aug.params is not None else None
 
     def describe(self) -> dict[str, Any] | None:
         """result.json's `augment`: the preset and the stored views used (None: drawn on the fly)."""
@@ -153,7 +158,6 @@ def training_sources(cfg: DistillConfig, cache: TeacherCache | None) -> Sources:
             cache.view_logits[:, :k] if kd else None,
             torch.from_numpy(cache.view_features()[:, :k]) if fkd else None,
             Augmentation(cache.augment, cache.view_params[:, :k]),
-            k,
         )
     if cache is not None and cfg.views:
         raise MedkdError(

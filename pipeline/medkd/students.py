@@ -59,10 +59,15 @@ def build_student(
     return model
 
 
+def _last_layer(model: nn.Module) -> nn.Module:
+    """The layer that maps the penultimate features to logits: a ResNet's `.fc`, timm's `get_classifier()`."""
+    return model.fc if isinstance(model, torchvision.models.ResNet) else model.get_classifier()
+
+
 def student_classifier(model: nn.Module) -> nn.Linear:
     """The student's last layer, logits = classifier(penultimate features): a ResNet's `.fc`, or timm's
     `get_classifier()`; refused unless it is one linear layer (a run teacher exports it as its head)."""
-    layer = model.fc if isinstance(model, torchvision.models.ResNet) else model.get_classifier()
+    layer = _last_layer(model)
     if not isinstance(layer, nn.Linear) or layer.bias is None:
         raise MedkdError(
             f"the student's classifier is a {type(layer).__name__}, not one linear layer with a bias, so "
@@ -76,7 +81,7 @@ class FeatureTap:
     input, caught by a forward pre-hook, so feature distillation costs no second pass and no model copy."""
 
     def __init__(self, model: nn.Module):
-        layer = model.fc if isinstance(model, torchvision.models.ResNet) else model.get_classifier()
+        layer = _last_layer(model)
         if not isinstance(layer, nn.Linear):
             raise MedkdError(
                 f"the student's classifier is a {type(layer).__name__}, not a linear layer, so it has no "
@@ -85,13 +90,10 @@ class FeatureTap:
             )
         self.dim = layer.in_features
         self.features: torch.Tensor | None = None
-        self._handle = layer.register_forward_pre_hook(self._keep)
+        layer.register_forward_pre_hook(self._keep)
 
     def _keep(self, _layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         self.features = inputs[0]
-
-    def remove(self) -> None:
-        self._handle.remove()
 
 
 def student_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
