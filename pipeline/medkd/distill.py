@@ -228,6 +228,8 @@ def distill(
     splits = {s: DeviceSplit(*inputs.arrays[s], inputs.task, device) for s in SPLITS}
     teacher_logits = sources.logits.to(device) if sources.logits is not None else None
     checkpointing = {"config": config, "config_hash": chash}
+    if feature_kd is not None:  # the projector is not part of the student: last.pt keeps it for --resume
+        checkpointing["projector"] = feature_kd.projector.state_dict()
     extras = {"augmentation": sources.augmentation_on(device), "feature_kd": feature_kd}
     train_run(cfg, model, loop, splits, view, teacher_logits, run, run_dir, checkpointing, console, extras)
 
@@ -314,7 +316,7 @@ def train_run(
 ) -> None:
     """The epochs, with a progress bar: `best.pt` at each new best, `last.pt` now and then, early stop.
 
-    `extras` are `train_epochs`' augmentation and feature_kd (a projector is saved in `last.pt`)."""
+    `extras` are `train_epochs`' augmentation and feature_kd."""
     extras = extras or {}
     steps_per_epoch = -(-len(splits["train"]) // cfg.batch_size)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"))
@@ -329,9 +331,6 @@ def train_run(
             alpha=cfg.alpha, temperature=cfg.temperature, batch_size=cfg.batch_size,
             on_step=lambda: progress.advance(bar), **extras,
         )  # fmt: skip
-        feature_kd = extras.get("feature_kd")
-        if feature_kd is not None:
-            checkpointing = {**checkpointing, "projector": feature_kd.projector.state_dict()}
         saved_epoch, saved_at = loop.epoch, time.monotonic()
         try:
             for stats in epochs:
