@@ -82,9 +82,9 @@ def main() -> None:
         params = list(model.parameters())
         if name == "kd_views_feature":
             tap = FeatureTap(model)
-            projector = nn.Linear(tap.dim, args.feature_dim)
-            feature_kd = FeatureDistillation(1.0, projector, tap, view_features)
-            params += list(projector.parameters())
+            projectors = nn.ModuleList([nn.Linear(tap.dim, args.feature_dim)])
+            feature_kd = FeatureDistillation(1.0, projectors, tap, [view_features])
+            params += list(projectors.parameters())
         optimizer = torch.optim.Adam(params, lr=1e-3)
         cursor = itertools.count()
 

@@ -46,6 +46,27 @@ def tiny_cache_config(root: Path, out: Path, **kwargs) -> CacheTeacherConfig:
     return CacheTeacherConfig(**{**values, **kwargs})
 
 
+def kill_after_steps(monkeypatch: pytest.MonkeyPatch, loss: str, steps: int, run) -> None:
+    """Run `run()` with `medkd.train.<loss>` (the loop's loss function) raising KeyboardInterrupt once it
+    has been called `steps` times, as a Ctrl-C in the middle of an epoch; epoch checkpoints every epoch."""
+    import medkd.distill
+    import medkd.train
+
+    real, calls = getattr(medkd.train, loss), {"n": 0}
+
+    def dies(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > steps:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(medkd.distill, "EPOCH_CHECKPOINT_SECONDS", 0.0)
+        m.setattr(medkd.train, loss, dies)
+        with pytest.raises(KeyboardInterrupt):
+            run()
+
+
 @pytest.fixture
 def real_data() -> Path:
     return REAL_DATA

@@ -158,7 +158,7 @@ def test_engine_task_skips_finished_trials_and_records_failures(cache, synthetic
         student="resnet18", student_size=16, epochs=1, batch_size=64, quiet=True,
     )  # fmt: skip
     trials = expand(sweep)
-    env = {"cache": str(cache), "cache_sha256": file_sha256(cache), "stage_dir": str(tmp_path / "node")}
+    env = {"caches": [str(cache)], "cache_sha256": [file_sha256(cache)], "stage_dir": str(tmp_path / "node")}
     env["launcher"] = "test"
     obstruct(Path(trials[1]["out"]))
     assert run_trials(trials, env) == ["ran", "failed"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import tiny_cache_config
+from conftest import kill_after_steps, tiny_cache_config
 from rich.console import Console
 
 import medkd.distill
@@ -197,14 +197,14 @@ def test_the_feature_term_is_one_minus_cosine_of_the_projected_features():
     student = build_student("resnet18", 2, SIZE)
     tap = FeatureTap(student)
     teacher = torch.randn(10, 3, 7)  # (N, K, D_t)
-    fkd = FeatureDistillation(0.5, torch.nn.Linear(tap.dim, 7), tap, teacher)
+    fkd = FeatureDistillation(0.5, torch.nn.ModuleList([torch.nn.Linear(tap.dim, 7)]), tap, [teacher])
     x = torch.randn(4, 3, SIZE, SIZE)
     student(x)
     index, chosen = torch.tensor([0, 3, 5, 9]), torch.tensor([2, 0, 1, 1, 0, 2, 0, 0, 0, 1])
     body = torch.nn.Sequential(*list(student.children())[:-1])  # the ResNet up to its pooled features
     with torch.no_grad():
         f_s = body(x).flatten(1)
-        projected = fkd.projector(f_s)
+        projected = fkd.projectors[0](f_s)
     f_t = teacher[index, chosen[index]]
     expected = 1 - (projected * f_t).sum(1) / (projected.norm(dim=1) * f_t.norm(dim=1))
     torch.testing.assert_close(fkd.term(index, chosen).detach(), expected.mean(), rtol=1e-5, atol=1e-6)
@@ -231,21 +231,9 @@ def test_feature_distillation_trains_a_projector_that_stays_out_of_the_student(
 def test_a_feature_run_resumes_exactly(multiview, synthetic_root, tmp_path, monkeypatch):
     args = dict(cache=str(multiview.path), feature_weight=1.0, epochs=3)
     whole = distill(student_config(synthetic_root, tmp_path / "whole", **args))
-    real = medkd.train.kd_loss
-    state = {"steps": 0}
-
-    def dies_in_epoch_3(*a, **k):
-        state["steps"] += 1
-        if state["steps"] > 2 * 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(medkd.distill, "EPOCH_CHECKPOINT_SECONDS", 0.0)
-    with monkeypatch.context() as m:
-        m.setattr(medkd.train, "kd_loss", dies_in_epoch_3)
-        with pytest.raises(KeyboardInterrupt):
-            distill(student_config(synthetic_root, tmp_path / "cut", **args))
-    assert "projector" in load_checkpoint(tmp_path / "cut" / EPOCH_CHECKPOINT, "a checkpoint")
+    cut = student_config(synthetic_root, tmp_path / "cut", **args)
+    kill_after_steps(monkeypatch, "kd_loss", 2 * 3, lambda: distill(cut))  # 96 images, batch 32: in epoch 3
+    assert "projectors" in load_checkpoint(tmp_path / "cut" / EPOCH_CHECKPOINT, "a checkpoint")
     resumed = distill(student_config(synthetic_root, tmp_path / "cut", resume=True, **args))
     assert resumed.history == [
         dict(h, seconds=r["seconds"], images_per_second=r["images_per_second"])

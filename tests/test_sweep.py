@@ -220,7 +220,11 @@ def test_ablation_configs_are_the_paper_grids_on_the_paper_recipe(name, grid):
         (["--alpha", "0.2,1.5"], "--alpha must be in [0, 1], got 1.5"),
         (["--pairs", "2-0.2"], "expected TEMPERATURE:ALPHA pairs"),
         (["--pairs", "2:0.2", "--alpha", "0.1"], "not both"),
-        (["--cache", "missing.h5"], "missing.h5 not found"),
+        ([], "missing.h5 not found"),
+        (["--cache", "missing.h5"], "--cache missing.h5 is given twice"),
+        (["--cache", "other.h5"], "missing.h5 not found"),
+        (["--teacher-weighting", "mean,mixup"], "'mixup' is not one of mean, confidence, learned"),
+        (["--teacher-weighting", "confidence"], "give two or more --cache"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, args, message):

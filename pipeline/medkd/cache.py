@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from medkd import __version__
+from medkd.config import cache_paths
 from medkd.data import SPLITS, data_sha256, is_multilabel, num_outputs
 from medkd.errors import MedkdError
 from medkd.files import atomic_path
@@ -578,6 +579,21 @@ class TeacherCache:
                 )
 
 
+def data_difference(a: TeacherCache, b: TeacherCache) -> str:
+    """What differs between the data two caches were built from ("" when they describe the same data):
+    dataset, size, task, classes, or a split's size or data sha256."""
+    for key in ("dataset", "image_size", "task", "n_classes"):
+        if a.attrs.get(key) != b.attrs.get(key):
+            return f"{key} {a.attrs.get(key)} vs {b.attrs.get(key)}"
+    for split in SPLITS:
+        mine, theirs = a.split_attrs[split], b.split_attrs[split]
+        if mine["n"] != theirs["n"]:
+            return f"{split} n={mine['n']} vs n={theirs['n']}"
+        if mine["data_sha256"] != theirs["data_sha256"]:
+            return f"{split} data sha256 {mine['data_sha256'][:12]}… vs {theirs['data_sha256'][:12]}…"
+    return ""
+
+
 def chance_metrics(task: str, labels: np.ndarray) -> dict[str, float]:
     """What a teacher that learnt nothing scores on (N, L) labels: AUC 0.5, and the ACC of always predicting
     the split's majority class (multi-label: the mean over labels of each label's majority rate)."""
@@ -627,6 +643,15 @@ def _cached_fingerprint(path: str, _mtime_ns: int, _size: int) -> str:
     except (OSError, KeyError):
         TeacherCache(path)  # says what is wrong with the file, in one line
         raise
+
+
+def run_fingerprint(cache: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+    """What a run's config hash counts of its `cache` config value: one cache's fingerprint, a tuple of
+    them for several caches (the hash sorts them), None without a cache."""
+    prints = tuple(cache_fingerprint(path) for path in cache_paths(cache))
+    if not prints:
+        return None
+    return prints[0] if len(prints) == 1 else prints
 
 
 def tokens_path(out: str | os.PathLike) -> Path:

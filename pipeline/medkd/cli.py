@@ -40,6 +40,7 @@ from medkd.registry import (
     POOLS,
     SCHEDULES,
     STUDENTS,
+    TEACHER_WEIGHTINGS,
     is_run_teacher,
     teacher_spec,
 )
@@ -121,6 +122,21 @@ def _milestones(_ctx: click.Context, _param: click.Parameter, value: str | None)
         return tuple(int(v) for v in value.split(","))
     except ValueError:
         raise click.BadParameter(f"expected comma-separated epochs like 50,75, got '{value}'") from None
+
+
+def _words(valid: tuple[str, ...]) -> Callable:
+    """A click callback: `mean,confidence` → ("mean", "confidence"), each one of `valid`."""
+
+    def parse(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple | None:
+        if value is None:
+            return None
+        words = tuple(v.strip() for v in value.split(","))
+        bad = [w for w in words if w not in valid]
+        if bad:
+            raise click.BadParameter(f"'{bad[0]}' is not one of {', '.join(valid)}")
+        return words
+
+    return parse
 
 
 def _numbers(kind: type) -> Callable:
@@ -232,14 +248,32 @@ def student_options(cls: type, grid: bool) -> Callable:
             option(cls, "lr", callback=_numbers(float), shown=",".join(f"{v:g}" for v in SweepConfig.lr),
                    help="Comma list of learning rates."),
         ]  # fmt: skip
+        weighting = option(
+            cls,
+            "teacher_weighting",
+            callback=_words(TEACHER_WEIGHTINGS),
+            shown="mean",
+            help=f"With several --cache: comma list of weightings ({', '.join(TEACHER_WEIGHTINGS)}).",
+        )
     else:
         knobs = [
             option(cls, "alpha", type=float, help="Weight of the hard-label loss."),
             option(cls, "temperature", type=float),
         ]
+        weighting = option(
+            cls,
+            "teacher_weighting",
+            type=click.Choice(TEACHER_WEIGHTINGS),
+            help="With several --cache, each image's teacher weights: equal, softmax of -CE(teacher, label) "
+            "(CA-MKD), or a gate on the student's features trained with it.",
+        )
     return stack(
         option(
-            cls, "cache", type=click.Path(dir_okay=False), help="Teacher cache from `medkd cache-teacher`."
+            cls,
+            "cache",
+            type=click.Path(dir_okay=False),
+            multiple=True,
+            help="Teacher cache from `medkd cache-teacher`; repeat it for several teachers.",
         ),
         option(
             cls, "dataset", help="MedMNIST flag, for the supervised baseline (--alpha 1) without a cache."
@@ -274,6 +308,13 @@ def student_options(cls: type, grid: bool) -> Callable:
             "feature_weight",
             type=float,
             help="Weight of 1 - cos(P·student features, cached teacher features), P a learned projector.",
+        ),
+        weighting,
+        option(
+            cls,
+            "gate_entropy",
+            type=float,
+            help="Weight of the entropy bonus that keeps a learned gate from collapsing onto one teacher.",
         ),
     )
 
@@ -433,7 +474,8 @@ L = LaunchConfig
 )
 @click.pass_context
 def sweep(ctx: click.Context, **_: Any) -> None:
-    """Grid of student runs (alpha × temperature × seed × lr) from one cache; finished trials are skipped."""
+    """Grid of student runs (alpha × temperature × seed × lr) from one cache or several; finished trials are
+    skipped."""
     from medkd.sweep import run_sweep
 
     # Launcher options may sit in the [sweep] table too; they steer where trials run, not what they are.

@@ -26,6 +26,7 @@ from medkd.registry import (
     SLURM_CLUSTERS,
     STUDENTS,
     TEACHER_PREFIXES,
+    TEACHER_WEIGHTINGS,
     TEACHERS,
     is_run_teacher,
     is_student,
@@ -49,6 +50,8 @@ ADDED_DEFAULTS = {
     "augment": None,
     "views": None,
     "feature_weight": 0.0,
+    "teacher_weighting": "mean",
+    "gate_entropy": 0.1,
 }
 
 
@@ -202,9 +205,12 @@ class CacheTeacherConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Stage two: train a student from the cached teacher logits (or alone, with alpha=1)."""
+    """Stage two: train a student from the cached teacher logits (or alone, with alpha=1).
 
-    cache: str | None = None
+    `cache` is one cache path, or several (a tuple) for a multi-teacher run.
+    """
+
+    cache: str | tuple[str, ...] | None = None
     dataset: str | None = None
     size: int = 28
     alpha: float = 0.2
@@ -227,6 +233,8 @@ class DistillConfig:
     augment: str | None = None
     views: int | None = None  # the first N views of a multi-view cache (None: all; 0: the plain view only)
     feature_weight: float = 0.0  # beta of the cosine feature-distillation term (0: none)
+    teacher_weighting: str = "mean"  # how several caches' teachers are weighed per image (TEACHER_WEIGHTINGS)
+    gate_entropy: float = 0.1  # weight of the learned gate's entropy bonus (teacher_weighting "learned")
     out: str | None = None
     data_dir: str | None = None
     download: bool = False
@@ -237,6 +245,7 @@ class DistillConfig:
     resume: bool = False  # continue from the run folder's epoch checkpoint (last.pt) when it has one
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "cache", _as_caches(self.cache))
         _check_common(self)
         _check(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
         _check(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
@@ -267,6 +276,7 @@ class DistillConfig:
         )
         _check(self.patience is None or self.patience >= 1, f"--patience must be >= 1, got {self.patience}")
         _check_views(self.augment, self.views, self.feature_weight, self.cache)
+        _check_weighting(self.teacher_weighting, self.gate_entropy, self.cache)
         _check(
             self.cache is not None or self.dataset is not None,
             "give --cache CACHE (knowledge distillation) or --dataset FLAG with --alpha 1 (baseline)",
@@ -292,6 +302,37 @@ def _check_views(augment: str | None, views: int | None, feature_weight: float, 
         feature_weight == 0 or cache is not None,
         f"--feature-weight {feature_weight} distils the cached teacher features: give --cache CACHE",
     )
+
+
+def _as_caches(cache: Any) -> str | tuple[str, ...] | None:
+    """A `cache` value as one path, or a tuple of two or more (TOML lists and repeated flags); no repeats."""
+    if not isinstance(cache, (list, tuple)):
+        return cache
+    paths = tuple(str(p) for p in cache)
+    _check(len(paths) > 0, "--cache: give at least one teacher cache")
+    repeated = sorted({p for p in paths if paths.count(p) > 1})
+    _check(not repeated, f"--cache {repeated[0] if repeated else ''} is given twice; give each cache once")
+    return paths[0] if len(paths) == 1 else paths
+
+
+def cache_paths(cache: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The cache paths of a config's `cache`: none, one, or several (a multi-teacher run)."""
+    if cache is None:
+        return ()
+    return (cache,) if isinstance(cache, str) else tuple(cache)
+
+
+def _check_weighting(weighting: str, gate_entropy: float, cache: str | tuple[str, ...] | None) -> None:
+    _check(
+        weighting in TEACHER_WEIGHTINGS,
+        f"unknown --teacher-weighting '{weighting}'; valid: {', '.join(TEACHER_WEIGHTINGS)}",
+    )
+    _check(
+        weighting == "mean" or len(cache_paths(cache)) >= 2,
+        f"--teacher-weighting {weighting} weighs several teachers against each other; give two or more "
+        f"--cache, or leave it at mean",
+    )
+    _check(gate_entropy >= 0, f"--gate-entropy must be >= 0, got {gate_entropy}")
 
 
 def config_fields(cls: type) -> list[str]:
@@ -343,14 +384,15 @@ def make_config(cls: type, file_values: dict[str, Any], overrides: dict[str, Any
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-plain copy of a config, saved next to every output."""
     out = dataclasses.asdict(cfg)
-    if out.get("milestones") is not None:
-        out["milestones"] = list(out["milestones"])
+    for key in ("milestones", "cache"):
+        if isinstance(out.get(key), tuple):
+            out[key] = list(out[key])
     return out
 
 
 # ---------------------------------------------------------------- sweeps and launchers
 
-GRID_KEYS = ("alpha", "temperature", "seed", "lr")
+GRID_KEYS = ("alpha", "temperature", "seed", "lr", "teacher_weighting")
 
 
 def _as_tuple(key: str, value: Any, kind: type) -> tuple:
@@ -364,7 +406,8 @@ def _as_tuple(key: str, value: Any, kind: type) -> tuple:
         raise MedkdError(f"sweep key '{key}' must hold numbers, got {values!r}") from None
     duplicates = sorted({v for v in out if out.count(v) > 1})
     if duplicates:
-        raise MedkdError(f"sweep key '{key}' lists {', '.join(map(short_number, duplicates))} more than once")
+        text = str if kind is str else short_number
+        raise MedkdError(f"sweep key '{key}' lists {', '.join(map(text, duplicates))} more than once")
     return out
 
 
@@ -394,10 +437,11 @@ class SweepConfig:
     """A grid of distill runs: lists for the grid keys, one value for everything else.
 
     `alpha` × `temperature` is the grid, or `pairs` lists (temperature, alpha) pairs instead (Table 4).
-    `alpha` and `temperature` left as None mean the distill defaults (0.2 and 2).
+    `alpha` and `temperature` left as None mean the distill defaults (0.2 and 2). `cache` may list several
+    caches (a multi-teacher grid), `teacher_weighting` several weightings.
     """
 
-    cache: str | None = None
+    cache: str | tuple[str, ...] | None = None
     dataset: str | None = None
     size: int = 28
     alpha: tuple[float, ...] | None = None
@@ -420,6 +464,8 @@ class SweepConfig:
     augment: str | None = None
     views: int | None = None
     feature_weight: float = 0.0
+    teacher_weighting: tuple[str, ...] = ("mean",)
+    gate_entropy: float = 0.1
     out: str | None = None
     data_dir: str | None = None
     download: bool = False
@@ -428,6 +474,7 @@ class SweepConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "cache", _as_caches(self.cache))
         if self.pairs is not None and (self.alpha is not None or self.temperature is not None):
             raise MedkdError(
                 "give either pairs (a list of [temperature, alpha]) or the alpha × temperature grid, not both"
@@ -440,6 +487,7 @@ class SweepConfig:
             "pairs": None if self.pairs is None else _as_pairs(self.pairs),
             "seed": _as_tuple("seed", self.seed, int),
             "lr": _as_tuple("lr", self.lr, float),
+            "teacher_weighting": _as_tuple("teacher_weighting", self.teacher_weighting, str),
         }
         for key, value in normal.items():
             object.__setattr__(self, key, value)
@@ -454,7 +502,7 @@ class SweepConfig:
         return {k: getattr(self, k) for k in keys}
 
     def grid(self) -> list[dict[str, Any]]:
-        """The grid points in order: `{"alpha", "temperature", "seed", "lr"}` per trial."""
+        """The grid points in order, one dict per trial: alpha, temperature, seed, lr, teacher_weighting."""
         if self.pairs is not None:
             points = [(a, t) for t, a in self.pairs]
         else:
@@ -462,15 +510,18 @@ class SweepConfig:
             temperatures = self.temperature if self.temperature is not None else (DistillConfig.temperature,)
             points = list(itertools.product(alphas, temperatures))
         return [
-            {"alpha": a, "temperature": t, "seed": s, "lr": lr}
-            for lr, (a, t), s in itertools.product(self.lr, points, self.seed)
+            {"alpha": a, "temperature": t, "seed": s, "lr": lr, "teacher_weighting": w}
+            for w, lr, (a, t), s in itertools.product(self.teacher_weighting, self.lr, points, self.seed)
         ]
 
     def out_path(self) -> Path:
-        """`--out`, else `runs/sweep_<cache name>_<student>` (or `_<dataset>_<size>` without a cache)."""
+        """`--out`, else `runs/sweep_<cache name>_<student>` (`<first cache>+N` for N more caches, or
+        `_<dataset>_<size>` without a cache)."""
         if self.out:
             return Path(self.out)
-        source = Path(self.cache).stem if self.cache else f"{self.dataset}_{self.size}"
+        caches = cache_paths(self.cache)
+        source = Path(caches[0]).stem if caches else f"{self.dataset}_{self.size}"
+        source += f"+{len(caches) - 1}" if len(caches) > 1 else ""
         return Path("runs") / f"sweep_{source}_{path_safe(self.student)}"
 
 

@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from medkd.cache import TeacherCache
-from medkd.config import DistillConfig, path_safe, short_number, to_dict
+from medkd.cache import TeacherCache, data_difference
+from medkd.config import DistillConfig, cache_paths, path_safe, short_number, to_dict
 from medkd.data import SPLITS, DeviceSplit, View, data_sha256, dataset_info, load_arrays, num_outputs
 from medkd.errors import MedkdError
 from medkd.metrics import BestEpoch
@@ -49,6 +49,7 @@ from medkd.train import (
     resolve_device,
     train_epochs,
 )
+from medkd.weighting import TeacherWeighting
 
 # The epoch checkpoint is written after epoch 1 and then at most this often: a ResNet50 with its Adam
 # state is ~300 MB, which on a GPU can take longer than a small dataset's epoch.
@@ -57,7 +58,10 @@ EPOCH_CHECKPOINT_SECONDS = 60.0
 
 @dataclass
 class Inputs:
-    """What a run learns from: the data (checked against the cache) and the cache, if any."""
+    """What a run learns from: the data (checked against the caches) and the caches, if any.
+
+    Several caches (a multi-teacher run) are held sorted by fingerprint, so the order they were given in
+    changes nothing; `given` holds the path each was given as, in the same order."""
 
     dataset: str
     size: int
@@ -65,16 +69,43 @@ class Inputs:
     n_outputs: int
     arrays: dict[str, tuple[np.ndarray, np.ndarray]]
     data_sha256: dict[str, str]
-    cache: TeacherCache | None
+    caches: list[TeacherCache] = field(default_factory=list)
+    given: list[str] = field(default_factory=list)
+
+    @property
+    def cache(self) -> TeacherCache | None:
+        """The first cache (the only one of a single-teacher run); None without a cache."""
+        return self.caches[0] if self.caches else None
+
+    def fingerprint(self) -> str | tuple[str, ...] | None:
+        """What the config hash counts of the caches: one fingerprint, all of them, or None."""
+        prints = tuple(c.fingerprint for c in self.caches)
+        return prints[0] if len(prints) == 1 else (prints or None)
+
+    def teacher_fields(self, weighting: str) -> dict[str, Any]:
+        """RunResult's `teacher` (one cache), or `teachers` and `teacher_weighting` (several)."""
+        summaries = [c.summary(path) for c, path in zip(self.caches, self.given, strict=True)]
+        if len(summaries) < 2:
+            return {"teacher": summaries[0] if summaries else None}
+        return {"teacher": None, "teachers": summaries, "teacher_weighting": weighting}
+
+    def teacher_label(self, weighting: str) -> str | None:
+        """The run-name part of the teachers: the cache's teacher, or `A+B_mean` for several (`3-teachers`
+        when their names are long)."""
+        if len(self.caches) < 2:
+            return self.cache.attrs["teacher"] if self.cache else None
+        names = "+".join(path_safe(c.attrs["teacher"]) for c in self.caches)
+        return f"{names if len(names) <= 80 else f'{len(self.caches)}-teachers'}_{weighting}"
 
 
 @dataclass
 class Sources:
     """What the student learns from beside the labels, on the CPU: the teacher's logits (N, C) or, for
-    stored views, (N, K, C); its features likewise (only with --feature-weight); how images are varied."""
+    stored views, (N, K, C), with a teacher axis before the last for several caches ((N, M, C), (N, K, M, C));
+    each teacher's features likewise (only with --feature-weight); how images are varied."""
 
     logits: torch.Tensor | None
-    features: torch.Tensor | None
+    features: list[torch.Tensor] | None
     augmentation: Augmentation | None
 
     @property
@@ -97,14 +128,13 @@ class Sources:
         return Augmentation(aug.preset, aug.params.to(device))
 
     def feature_distillation(
-        self, weight: float, model: nn.Module, device: torch.device
+        self, weight: float, tap: FeatureTap | None, device: torch.device
     ) -> FeatureDistillation | None:
-        """The feature term for `model` (a fresh projector to the teacher's width), or None without one."""
+        """The feature term on `tap`'s features: a fresh projector to each teacher's width (None without)."""
         if self.features is None:
             return None
-        tap = FeatureTap(model)
-        projector = nn.Linear(tap.dim, self.features.shape[-1]).to(device)
-        return FeatureDistillation(weight, projector, tap, self.features.to(device))
+        projectors = nn.ModuleList(nn.Linear(tap.dim, f.shape[-1]) for f in self.features).to(device)
+        return FeatureDistillation(weight, projectors, tap, [f.to(device) for f in self.features])
 
     def label(self) -> str:
         """The run-name part: `medmnist-v8` (stored views), `medmnist` (on the fly), or "" (plain)."""
@@ -133,66 +163,102 @@ def run_name(cfg: DistillConfig, dataset: str, size: int, teacher: str | None, v
     return f"{dataset}_{size}_{path_safe(cfg.student)}-{student_size}_{source}_{knobs}"
 
 
-def training_sources(cfg: DistillConfig, cache: TeacherCache | None) -> Sources:
-    """The teacher logits, features and augmentation of a run, checked against the cache.
+def training_sources(
+    cfg: DistillConfig, caches: list[TeacherCache], given: list[str] | None = None
+) -> Sources:
+    """The teacher logits, features and augmentation of a run, checked against the caches (`given`: the
+    paths to name them by).
 
     A multi-view cache's stored views are what the run trains on (the first `--views` of them; 0: the
-    plain view). Augmentation without stored views is drawn on the fly, and only for a run that uses no
-    teacher output: the plain view's logits are not the teacher's on an augmented image.
+    plain view); several caches must then hold the same views. Augmentation without stored views is
+    drawn on the fly, and only for a run that uses no teacher output: the plain view's logits are not the
+    teacher's on an augmented image.
     """
+    given = given or [str(c.path) for c in caches]
     kd, fkd = cfg.alpha < 1.0, cfg.feature_weight > 0
-    if cache is not None and cache.views and cfg.views != 0:
-        k = cfg.views or cache.views
+    k = _stored_views(cfg, caches, given)
+    if k:
+        logits = [c.view_logits[:, :k] for c in caches]
+        features = [torch.from_numpy(c.view_features()[:, :k]) for c in caches] if fkd else None
+        augmentation = Augmentation(caches[0].augment, caches[0].view_params[:, :k])
+    else:
+        augment = cfg.augment not in (None, "none")
+        if augment and caches and (kd or fkd):
+            held = "views not used (--views 0)" if any(c.views for c in caches) else "the plain view only"
+            raise MedkdError(
+                f"--augment {cfg.augment} with a teacher needs the teacher's outputs on the same views, and "
+                f"{given[0]} holds {held}; build a multi-view cache with `medkd cache-teacher ... --views 8 "
+                f"--augment {cfg.augment}`, or use --alpha 1 for an augmented baseline"
+            )
+        logits = [c.logits["train"] for c in caches]
+        features = [torch.from_numpy(c.features("train")) for c in caches] if fkd else None
+        augmentation = Augmentation(cfg.augment) if augment else None
+    if len(caches) > 1:  # the weights need every teacher's logits, for the feature term too
+        stacked = torch.stack(logits, dim=-2) if kd or fkd else None
+    else:
+        stacked = logits[0] if caches and kd else None
+    return Sources(stacked, features, augmentation)
+
+
+def _stored_views(cfg: DistillConfig, caches: list[TeacherCache], given: list[str]) -> int:
+    """K, the stored views a run trains on (0: the plain view), checked against every cache."""
+    with_views = [(path, c) for path, c in zip(given, caches, strict=True) if c.views]
+    if not with_views or cfg.views == 0:
+        if cfg.views:
+            raise MedkdError(
+                f"--views {cfg.views}: cache {given[0]} stores the plain view only; build a multi-view cache "
+                f"with `medkd cache-teacher ... --views 8 --augment medmnist`, or drop --views"
+            )
+        return 0
+    plain = [path for path, c in zip(given, caches, strict=True) if not c.views]
+    first_path, first = with_views[0]
+    if plain:
+        raise MedkdError(
+            f"cache {plain[0]} stores the plain view only and cache {first_path} {first.views} "
+            f"{first.augment} views: a student sees one view of each image, and every teacher must have "
+            f"seen it; pass --views 0 to train on the plain view, or build {plain[0]} with --views "
+            f"{first.views} --augment {first.augment}"
+        )
+    k = cfg.views or min(c.views for c in caches)
+    for path, cache in with_views:
         if k > cache.views:
             raise MedkdError(
-                f"--views {k}: cache {cfg.cache} stores {cache.views} views per training image; pass "
+                f"--views {k}: cache {path} stores {cache.views} views per training image; pass "
                 f"--views 1..{cache.views}, or --views 0 for the plain view"
             )
         if cfg.augment is not None and cfg.augment != cache.augment:
             raise MedkdError(
-                f"--augment {cfg.augment} does not match cache {cfg.cache}, whose views are {cache.augment} "
+                f"--augment {cfg.augment} does not match cache {path}, whose views are {cache.augment} "
                 f"views; drop --augment (the run trains on the cache's views) or build a cache with "
                 f"--augment {cfg.augment}"
             )
-        return Sources(
-            cache.view_logits[:, :k] if kd else None,
-            torch.from_numpy(cache.view_features()[:, :k]) if fkd else None,
-            Augmentation(cache.augment, cache.view_params[:, :k]),
-        )
-    if cache is not None and cfg.views:
-        raise MedkdError(
-            f"--views {cfg.views}: cache {cfg.cache} stores the plain view only; build a multi-view cache "
-            f"with `medkd cache-teacher ... --views 8 --augment medmnist`, or drop --views"
-        )
-    augment = cfg.augment not in (None, "none")
-    if augment and cache is not None and (kd or fkd):
-        raise MedkdError(
-            f"--augment {cfg.augment} with a teacher needs the teacher's outputs on the same views, and "
-            f"{cfg.cache} holds {'views not used (--views 0)' if cache.views else 'the plain view only'}; "
-            f"build a multi-view cache with `medkd cache-teacher ... --views 8 --augment {cfg.augment}`, or "
-            f"use --alpha 1 for an augmented baseline"
-        )
-    return Sources(
-        cache.logits["train"] if cache is not None and kd else None,
-        torch.from_numpy(cache.features("train")) if cache is not None and fkd else None,
-        Augmentation(cfg.augment) if augment else None,
-    )
+        same = torch.equal(cache.view_params[:, :k], first.view_params[:, :k])
+        if cache.augment != first.augment or not same:
+            raise MedkdError(
+                f"caches {first_path} and {path} hold different views ({first.augment} vs {cache.augment} "
+                f"views, first {k} compared): every teacher must have seen the view the student is shown; "
+                f"build them with the same --augment, --views and --seed, or pass --views 0"
+            )
+    return k
 
 
 def distill(
-    cfg: DistillConfig, console: Console | None = None, cache: TeacherCache | None = None
+    cfg: DistillConfig,
+    console: Console | None = None,
+    cache: TeacherCache | list[TeacherCache] | None = None,
 ) -> RunResult:
-    """Train one student, write its run folder and return its result; `cache` skips re-reading the file."""
+    """Train one student, write its run folder and return its result; `cache` (a list for several
+    caches) skips re-reading the files."""
     console = console or Console(stderr=True, quiet=cfg.quiet)
     started = time.perf_counter()
     inputs = load_inputs(cfg, cache)
-    cache = inputs.cache
-    sources = training_sources(cfg, cache)
-    teacher = cache.attrs["teacher"] if cache else None
+    caches = inputs.caches
+    sources = training_sources(cfg, caches, inputs.given)
+    teacher = inputs.teacher_label(cfg.teacher_weighting)
     name = run_name(cfg, inputs.dataset, inputs.size, teacher, sources.label())
     run_dir = Path(cfg.out) if cfg.out else Path("runs") / name
     config = to_dict(cfg)
-    chash = config_hash(config, cache.fingerprint if cache else None)
+    chash = config_hash(config, inputs.fingerprint())
     if cfg.resume and (run_dir / RESULT).exists():
         done = read_result(run_dir)
         if same_experiment(done, chash):
@@ -203,22 +269,22 @@ def distill(
     torch.manual_seed(cfg.seed)
     student_size = cfg.student_size or inputs.size
     model = build_student(cfg.student, inputs.n_outputs, student_size, cfg.student_weights).to(device)
-    feature_kd = sources.feature_distillation(cfg.feature_weight, model, device)
-    # The projector trains with the student (one optimizer) but is not part of it: best.pt holds the student.
-    trained = model if feature_kd is None else nn.ModuleList([model, feature_kd.projector])
+    helpers = TrainingHelpers.create(cfg, sources, len(caches), model, device)
+    # The projectors and the gate train with the student (one optimizer) but are not part of it: best.pt
+    # holds the student.
+    trained = nn.ModuleList([model, *helpers.modules()]) if helpers.modules() else model
     loop = LoopState.create(
         trained, cfg.lr, cfg.epochs, cfg.milestones, cfg.seed, optimizer=cfg.optimizer,
         weight_decay=cfg.weight_decay, schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
     )  # fmt: skip
-    checkpoint = read_epoch_checkpoint(run_dir, chash, config, cache) if cfg.resume else None
+    checkpoint = read_epoch_checkpoint(run_dir, chash, config, inputs.fingerprint()) if cfg.resume else None
     if cfg.resume and checkpoint is None:
         console.print(f"no epoch checkpoint in {run_dir}: starting at epoch 1", soft_wrap=True)
     prepare_run_dir(run_dir, cfg.force)  # last check before work: nothing is written on bad input
     run = RunSoFar()
     if checkpoint is not None:
         run = resume(checkpoint, model, loop, run_dir)
-        if feature_kd is not None:
-            feature_kd.projector.load_state_dict(checkpoint["projector"])
+        helpers.load_state_dict(checkpoint)
         console.print(f"resuming {run_dir} after epoch {loop.epoch} of {cfg.epochs}", soft_wrap=True)
 
     channels_last = device.type == "cuda"
@@ -227,10 +293,8 @@ def distill(
     view = View(student_size, interpolation=cfg.interpolation, channels_last=channels_last)
     splits = {s: DeviceSplit(*inputs.arrays[s], inputs.task, device) for s in SPLITS}
     teacher_logits = sources.logits.to(device) if sources.logits is not None else None
-    checkpointing = {"config": config, "config_hash": chash}
-    if feature_kd is not None:  # the projector is not part of the student: last.pt keeps it for --resume
-        checkpointing["projector"] = feature_kd.projector.state_dict()
-    extras = {"augmentation": sources.augmentation_on(device), "feature_kd": feature_kd}
+    checkpointing = {"config": config, "config_hash": chash, **helpers.state_dict()}
+    extras = {"augmentation": sources.augmentation_on(device), **vars(helpers)}
     train_run(cfg, model, loop, splits, view, teacher_logits, run, run_dir, checkpointing, console, extras)
 
     model.load_state_dict(run.best_state)
@@ -249,9 +313,9 @@ def distill(
         task=inputs.task,
         n_outputs=inputs.n_outputs,
         student_size=student_size,
-        baseline=teacher_logits is None and feature_kd is None,
+        baseline=teacher_logits is None and helpers.feature_kd is None,
         augment=sources.describe(),
-        teacher=cache.summary(cfg.cache) if cache else None,
+        **inputs.teacher_fields(cfg.teacher_weighting),
         data_sha256=inputs.data_sha256,
         history=run.history,
         epochs_run=len(run.history),
@@ -270,35 +334,99 @@ def distill(
     return result
 
 
-def load_inputs(cfg: DistillConfig, cache: TeacherCache | None) -> Inputs:
-    """The cache (read unless given) and the data, checked against each other and against the flags."""
-    if cache is None and cfg.cache is not None:
-        cache = TeacherCache(cfg.cache)
-    dataset = cache.attrs["dataset"] if cache else cfg.dataset
-    size = int(cache.attrs["image_size"]) if cache else cfg.size
-    if cache and cfg.dataset and cfg.dataset != dataset:
+@dataclass
+class TrainingHelpers:
+    """What trains beside the student: the feature term's projectors and the teacher weighting with its
+    learned gate (either may be absent), on the student's one feature tap. Not part of the student:
+    best.pt leaves them out, last.pt keeps them for --resume. Its fields are `train_epochs` arguments."""
+
+    feature_kd: FeatureDistillation | None
+    weighting: TeacherWeighting | None
+
+    @classmethod
+    def create(
+        cls, cfg: DistillConfig, sources: Sources, n_caches: int, model: nn.Module, device: torch.device
+    ) -> TrainingHelpers:
+        learned = n_caches > 1 and cfg.teacher_weighting == "learned" and sources.logits is not None
+        tap = None
+        if sources.features is not None or learned:
+            purpose = "--feature-weight" if sources.features is not None else "--teacher-weighting learned"
+            tap = FeatureTap(model, purpose)
+        feature_kd = sources.feature_distillation(cfg.feature_weight, tap, device)
+        weighting = None
+        if n_caches > 1 and sources.logits is not None:
+            weighting = TeacherWeighting.create(cfg.teacher_weighting, n_caches, tap, cfg.gate_entropy)
+            if weighting.gate is not None:
+                weighting.gate.to(device)
+        return cls(feature_kd, weighting)
+
+    def modules(self) -> list[nn.Module]:
+        """The modules the optimizer trains with the student, in a fixed order."""
+        projectors = list(self.feature_kd.projectors) if self.feature_kd is not None else []
+        gate = [self.weighting.gate] if self.weighting is not None and self.weighting.gate is not None else []
+        return [*projectors, *gate]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Their weights for the epoch checkpoint (live references: saved as they are when it is written)."""
+        state = {}
+        if self.feature_kd is not None:
+            state["projectors"] = self.feature_kd.projectors.state_dict()
+        if self.weighting is not None and self.weighting.gate is not None:
+            state["gate"] = self.weighting.gate.state_dict()
+        return state
+
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        if self.feature_kd is not None:
+            if "projector" in checkpoint:  # an epoch checkpoint of medkd before several teachers
+                self.feature_kd.projectors[0].load_state_dict(checkpoint["projector"])
+            else:
+                self.feature_kd.projectors.load_state_dict(checkpoint["projectors"])
+        if self.weighting is not None and self.weighting.gate is not None:
+            self.weighting.gate.load_state_dict(checkpoint["gate"])
+
+
+def load_inputs(cfg: DistillConfig, cache: TeacherCache | list[TeacherCache] | None = None) -> Inputs:
+    """The caches (read unless given) and the data, checked against each other and against the flags."""
+    given = list(cache_paths(cfg.cache))
+    if cache is None:
+        caches = [TeacherCache(path) for path in given]
+    else:
+        caches = list(cache) if isinstance(cache, list) else [cache]
+        if len(given) != len(caches):  # caches handed over without their config paths
+            given = [str(c.path) for c in caches]
+    for path, other in zip(given[1:], caches[1:], strict=True):
+        difference = data_difference(caches[0], other)
+        if difference:
+            raise MedkdError(
+                f"caches {given[0]} and {path} were built from different data ({difference}); a "
+                f"multi-teacher run needs caches of one dataset, size and split"
+            )
+    first, where = (caches[0], given[0]) if caches else (None, None)
+    dataset = first.attrs["dataset"] if first else cfg.dataset
+    size = int(first.attrs["image_size"]) if first else cfg.size
+    if first and cfg.dataset and cfg.dataset != dataset:
+        raise MedkdError(f"--dataset {cfg.dataset} does not match the cache {where}, built from {dataset}")
+    if first and cfg.dataset and cfg.size != size:
         raise MedkdError(
-            f"--dataset {cfg.dataset} does not match the cache {cfg.cache}, built from {dataset}"
-        )
-    if cache and cfg.dataset and cfg.size != size:
-        raise MedkdError(
-            f"--size {cfg.size} does not match the cache {cfg.cache}, built from {dataset} at {size} px; "
+            f"--size {cfg.size} does not match the cache {where}, built from {dataset} at {size} px; "
             f"pass --size {size} or a cache of {cfg.size} px"
         )
     info = dataset_info(dataset)
     arrays = load_arrays(dataset, size, cfg.data_dir, cfg.download)
-    if cache:
-        cache.check_data(dataset, size, arrays)  # hashes every split: the cache's hashes are now the data's
-        shas = {s: cache.split_attrs[s]["data_sha256"] for s in SPLITS}
+    if first:
+        first.check_data(dataset, size, arrays)  # hashes every split: the caches' hashes are now the data's
+        shas = {s: first.split_attrs[s]["data_sha256"] for s in SPLITS}
     else:
         shas = {s: data_sha256(*arrays[s]) for s in SPLITS}
     n_out = num_outputs(info["task"], len(info["label"]))
-    if cache and cache.logits["train"].shape[1] != n_out:
-        raise MedkdError(
-            f"cache {cfg.cache} has {cache.logits['train'].shape[1]} logits per image; "
-            f"{dataset} needs {n_out}"
-        )
-    return Inputs(dataset, size, info["task"], n_out, arrays, shas, cache)
+    for path, c in zip(given, caches, strict=True):
+        if c.logits["train"].shape[1] != n_out:
+            raise MedkdError(
+                f"cache {path} has {c.logits['train'].shape[1]} logits per image; {dataset} needs {n_out}"
+            )
+    order = sorted(range(len(caches)), key=lambda i: caches[i].fingerprint)
+    caches, given = [caches[i] for i in order], [given[i] for i in order]
+    return Inputs(dataset, size, info["task"], n_out, arrays, shas, caches, given)
 
 
 def train_run(
@@ -316,7 +444,7 @@ def train_run(
 ) -> None:
     """The epochs, with a progress bar: `best.pt` at each new best, `last.pt` now and then, early stop.
 
-    `extras` are `train_epochs`' augmentation and feature_kd."""
+    `extras` are `train_epochs`' augmentation, feature_kd and weighting."""
     extras = extras or {}
     steps_per_epoch = -(-len(splits["train"]) // cfg.batch_size)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"))
@@ -385,7 +513,7 @@ def epoch_checkpoint(
 
 
 def read_epoch_checkpoint(
-    run_dir: Path, chash: str, config: dict[str, Any], cache: TeacherCache | None
+    run_dir: Path, chash: str, config: dict[str, Any], fingerprint: str | tuple[str, ...] | None
 ) -> dict[str, Any] | None:
     """The run folder's epoch checkpoint if it has one, checked to come from this very config."""
     path = run_dir / EPOCH_CHECKPOINT
@@ -396,7 +524,7 @@ def read_epoch_checkpoint(
     except MedkdError as err:
         raise MedkdError(f"{err}; drop --resume to start over") from err
     # A checkpoint of medkd 0.1 carries the old hash, which counted --download.
-    accepted = (chash, legacy_config_hash(config, cache.fingerprint if cache else None))
+    accepted = (chash, legacy_config_hash(config, fingerprint))
     if checkpoint.get("config_hash") not in accepted:
         raise MedkdError(
             f"{path} is a checkpoint of another config (hash {checkpoint.get('config_hash')}, this run "

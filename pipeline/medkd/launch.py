@@ -60,16 +60,20 @@ def absolute(config: dict[str, Any]) -> dict[str, Any]:
     The config hash counts the cache by its content, not its path, so the result is the same trial's.
     """
     config = dict(config)
-    for key in ("out", "data_dir", "cache"):
+    for key in ("out", "data_dir"):
         if config.get(key):
             config[key] = str(Path(config[key]).resolve())
+    if isinstance(config.get("cache"), list):  # several caches
+        config["cache"] = [str(Path(p).resolve()) for p in config["cache"]]
+    elif config.get("cache"):
+        config["cache"] = str(Path(config["cache"]).resolve())
     return config
 
 
 def launch_trials(
     trials: list[dict[str, Any]],
     launch: LaunchConfig,
-    cache: str | None,
+    cache: str | tuple[str, ...] | None,
     out: Path,
     on_done: Callable[[dict[str, Any]], None],
 ) -> None:

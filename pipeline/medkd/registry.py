@@ -105,6 +105,8 @@ SCHEDULES = ("multistep", "cosine")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 # Augmentation presets of multi-view caches and students (`medkd.views.PRESETS` holds their parameters).
 AUGMENTS = ("none", "flip", "crop", "medmnist")
+# How a run with several teacher caches weighs them per image (`medkd.weighting`).
+TEACHER_WEIGHTINGS = ("mean", "confidence", "learned")
 LAUNCHERS = ("local", "ray", "slurm")
 SLURM_CLUSTERS = ("slurm", "local", "debug")  # submitit executors; "local" runs the array as local processes
 

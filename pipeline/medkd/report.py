@@ -92,10 +92,21 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
     return float(array.mean()), (float(array.std(ddof=1)) if len(array) > 1 else None)
 
 
+def _identity(teacher: dict[str, Any]) -> tuple:
+    return (teacher.get("teacher"), teacher.get("teacher_input_size"), teacher.get("weights_sha256"))
+
+
+def _teacher_name(result: RunResult) -> str | None:
+    """The teacher column of a student run: the cache's teacher, or `A + B (confidence)` for several."""
+    if result.teachers:
+        return " + ".join(t["teacher"] for t in result.teachers) + f" ({result.teacher_weighting})"
+    return (result.teacher or {}).get("teacher")
+
+
 def _run_key(result: RunResult) -> tuple:
     cfg, baseline = result.config, result.baseline
-    teacher = result.teacher or {}
-    identity = (teacher.get("teacher"), teacher.get("teacher_input_size"), teacher.get("weights_sha256"))
+    # Several teachers count as a set (a run stores them sorted by fingerprint), with their weighting.
+    identity = (tuple(sorted(map(_identity, result.teacher_summaries()))), result.teacher_weighting)
     return (
         result.dataset,
         result.size,
@@ -133,7 +144,7 @@ def _student_row(runs: list[RunResult]) -> dict[str, Any]:
         "kind": "baseline" if baseline else "kd",
         "dataset": first.dataset,
         "size": first.size,
-        "teacher": None if baseline else (first.teacher or {}).get("teacher"),
+        "teacher": None if baseline else _teacher_name(first),
         "student": first.student,
         "student_size": first.student_size,
         "alpha": first.alpha,
@@ -157,11 +168,12 @@ def _student_row(runs: list[RunResult]) -> dict[str, Any]:
 
 
 def _teacher_rows(results: list[RunResult]) -> list[dict[str, Any]]:
-    """One row per (dataset, teacher): its test AUC/ACC, over the distinct caches the runs used."""
+    """One row per (dataset, teacher): its test AUC/ACC, over the distinct caches the runs used (every cache
+    of a multi-teacher run)."""
     caches: dict[tuple, dict[tuple, dict[str, Any]]] = {}
-    for r in results:
-        teacher = r.teacher
-        if not teacher or "test_auc" not in teacher:
+    pairs = [(run, teacher) for run in results for teacher in run.teacher_summaries()]
+    for r, teacher in pairs:
+        if "test_auc" not in teacher:
             continue
         key = (
             r.dataset,

@@ -60,7 +60,9 @@ class RunResult:
     n_outputs: int = 0
     student_size: int | None = None
     baseline: bool = False
-    teacher: dict[str, Any] | None = None  # the cache's teacher, fingerprint and test metrics
+    teacher: dict[str, Any] | None = None  # the cache's teacher, fingerprint and test metrics (one cache)
+    teachers: list[dict[str, Any]] | None = None  # the same of every cache of a multi-teacher run
+    teacher_weighting: str | None = None  # how a multi-teacher run weighed them (TEACHER_WEIGHTINGS)
     augment: dict[str, Any] | None = None  # {"preset", "views": K stored views or None (on the fly)}
     data_sha256: dict[str, str] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -92,9 +94,16 @@ class RunResult:
     def seed(self) -> int:
         return int(self.config["seed"])
 
-    def fingerprint(self) -> str | None:
-        """The content fingerprint of the cache the run learned from (None without a cache)."""
+    def fingerprint(self) -> str | tuple[str, ...] | None:
+        """The content fingerprint of the cache the run learned from (all of them for several caches;
+        None without a cache)."""
+        if self.teachers:
+            return tuple(t["fingerprint"] for t in self.teachers)
         return (self.teacher or {}).get("fingerprint")
+
+    def teacher_summaries(self) -> list[dict[str, Any]]:
+        """Every cache's summary the run learned from: one, several, or none."""
+        return self.teachers or ([self.teacher] if self.teacher else [])
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -139,29 +148,34 @@ class RunResult:
 # ---------------------------------------------------------------- the config hash
 
 
-def config_hash(config: dict[str, Any], cache_fingerprint: str | None = None) -> str:
+def config_hash(config: dict[str, Any], cache_fingerprint: str | tuple[str, ...] | None = None) -> str:
     """A short fingerprint of what a run computes: its config without the options that steer output
     (`medkd.config.RUN_OPTIONS`: out, force, quiet, data_dir, device, resume, download).
 
-    With a cache, pass its content fingerprint (`TeacherCache.fingerprint`): the cache then counts by what
-    it holds, not by its path, so a copy of the same cache elsewhere is the same config.
+    With a cache, pass its content fingerprint (`TeacherCache.fingerprint`), or all of them for several
+    caches: a cache then counts by what it holds, not by its path, so a copy of the same cache elsewhere
+    is the same config, and several caches count as a set, in any order.
     """
     return _hash(config, cache_fingerprint, RUN_OPTIONS)
 
 
-def legacy_config_hash(config: dict[str, Any], cache_fingerprint: str | None = None) -> str:
+def legacy_config_hash(config: dict[str, Any], cache_fingerprint: str | tuple[str, ...] | None = None) -> str:
     """The hash medkd 0.1 stored, which counted `download` too: only to accept its epoch checkpoints."""
     return _hash(config, cache_fingerprint, tuple(k for k in RUN_OPTIONS if k != "download"))
 
 
-def _hash(config: dict[str, Any], cache_fingerprint: str | None, skip: tuple[str, ...]) -> str:
+def _hash(
+    config: dict[str, Any], cache_fingerprint: str | tuple[str, ...] | None, skip: tuple[str, ...]
+) -> str:
     relevant = {
         k: v
         for k, v in config.items()
         if k not in skip and not (k in ADDED_DEFAULTS and ADDED_DEFAULTS[k] == v)
     }
-    if config.get("cache") is not None and cache_fingerprint is not None:
+    if config.get("cache") is not None and isinstance(cache_fingerprint, str):
         relevant["cache"] = {"fingerprint": cache_fingerprint}
+    elif config.get("cache") is not None and cache_fingerprint is not None:
+        relevant["cache"] = {"fingerprints": sorted(cache_fingerprint)}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

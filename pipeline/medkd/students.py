@@ -80,12 +80,12 @@ class FeatureTap:
     """The penultimate features (B, D) of the student's latest forward pass, `features`: its classifier's
     input, caught by a forward pre-hook, so feature distillation costs no second pass and no model copy."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, purpose: str = "--feature-weight"):
         layer = _last_layer(model)
         if not isinstance(layer, nn.Linear):
             raise MedkdError(
                 f"the student's classifier is a {type(layer).__name__}, not a linear layer, so it has no "
-                f"penultimate feature vector for --feature-weight; use a ResNet or a timm model with a "
+                f"penultimate feature vector for {purpose}; use a ResNet or a timm model with a "
                 f"linear classifier"
             )
         self.dim = layer.in_features

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from medkd.cache import MAKE_ONE
-from medkd.config import DistillConfig, LaunchConfig, SweepConfig, short_number, to_dict
+from medkd.config import DistillConfig, LaunchConfig, SweepConfig, cache_paths, short_number, to_dict
 from medkd.errors import MedkdError
 from medkd.files import write_json
 from medkd.launch import check_launcher, launch_trials
@@ -23,18 +23,21 @@ from medkd.runs import SWEEP, RunResult, read_result, trial_seconds
 from medkd.trials import finished_result, run_trials, trial_env, trial_status
 
 
-def trial_name(trial: dict[str, Any], many_lrs: bool) -> str:
-    """`a0.2_t2_s0`, with `_lr0.0001` appended when the sweep has more than one lr."""
+def trial_name(trial: dict[str, Any], many_lrs: bool, many_teachers: bool = False) -> str:
+    """`a0.2_t2_s0`, with `_lr0.0001` appended when the sweep has more than one lr, and the teacher
+    weighting (`_confidence`) when it has several caches."""
     name = f"a{short_number(trial['alpha'])}_t{short_number(trial['temperature'])}_s{trial['seed']}"
-    return name + (f"_lr{short_number(trial['lr'])}" if many_lrs else "")
+    name += f"_lr{short_number(trial['lr'])}" if many_lrs else ""
+    return name + (f"_{trial['teacher_weighting']}" if many_teachers else "")
 
 
 def expand(sweep: SweepConfig) -> list[dict[str, Any]]:
     """One JSON-plain DistillConfig dict per trial, with `out = <sweep out>/<trial name>`."""
-    out, many_lrs = sweep.out_path(), len(sweep.lr) > 1
+    out, many_lrs, many_teachers = sweep.out_path(), len(sweep.lr) > 1, len(cache_paths(sweep.cache)) > 1
     trials = []
     for point in sweep.grid():
-        cfg = DistillConfig(**sweep.shared(), **point, out=str(out / trial_name(point, many_lrs)))
+        name = trial_name(point, many_lrs, many_teachers)
+        cfg = DistillConfig(**sweep.shared(), **point, out=str(out / name))
         trials.append(to_dict(cfg))
     return trials
 
@@ -52,8 +55,9 @@ def run_sweep(
     launch = launch or LaunchConfig()
     check_launcher(launch)
     trials, out = expand(sweep), sweep.out_path()
-    if sweep.cache is not None and not Path(sweep.cache).is_file():  # before anything is written
-        raise MedkdError(f"teacher cache {sweep.cache} not found; {MAKE_ONE}")
+    for path in cache_paths(sweep.cache):  # before anything is written
+        if not Path(path).is_file():
+            raise MedkdError(f"teacher cache {path} not found; {MAKE_ONE}")
     finished = [finished_result(config) for config in trials]  # refuses a clash before any work
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / SWEEP, {"sweep": to_dict(sweep), "trials": [Path(t["out"]).name for t in trials]})

@@ -20,11 +20,12 @@ from torch import nn
 from medkd.config import lr_milestones
 from medkd.data import DeviceSplit, View, is_multilabel
 from medkd.errors import MedkdError
-from medkd.losses import kd_loss
+from medkd.losses import kd_loss, mixture_kd_loss
 from medkd.metrics import evaluate, scores_from_logits
 from medkd.registry import OPTIMIZERS, SCHEDULES
 from medkd.students import FeatureTap
 from medkd.views import sample_views
+from medkd.weighting import TeacherWeighting
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,6 +78,7 @@ class EpochStats:
     seconds: float
     images_per_second: float
     feature: float | None = None  # the 1 - cos feature term (before its weight); None without one
+    teacher_weights: list[float] | None = None  # mean weight of each teacher over the epoch (several caches)
 
 
 @dataclass
@@ -111,18 +113,30 @@ def per_view(values: torch.Tensor, index: torch.Tensor, chosen: torch.Tensor | N
 @dataclass
 class FeatureDistillation:
     """`weight · (1 − cos(P·f_s, f_t))`: the student's penultimate features f_s (caught by `tap`) through
-    the learned linear projector P (trained with the student, not part of it), against the cached
-    teacher features f_t of the same view: `teacher` (N, D), or (N, K, D) for stored views."""
+    a learned linear projector P (trained with the student, not part of it), against the cached
+    teacher features f_t of the same view: `teachers[m]` (N, D_m), or (N, K, D_m) for stored views.
+
+    Several teachers each have their own projector, and their terms are weighed per image with the
+    teacher weights of the step."""
 
     weight: float
-    projector: nn.Linear
+    projectors: nn.ModuleList
     tap: FeatureTap
-    teacher: torch.Tensor
+    teachers: list[torch.Tensor]
 
-    def term(self, index: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:
-        target = per_view(self.teacher, index, chosen).float()  # (B, D_t)
-        projected = self.projector(self.tap.features.float())  # (B, D_t)
-        return 1 - F.cosine_similarity(projected, target, dim=1).mean()
+    def term(
+        self, index: torch.Tensor, chosen: torch.Tensor | None, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The term of a batch; `weights` (B, M) for several teachers (None: the one teacher)."""
+        features = self.tap.features.float()
+        if weights is None:
+            target = per_view(self.teachers[0], index, chosen).float()  # (B, D_t)
+            return 1 - F.cosine_similarity(self.projectors[0](features), target, dim=1).mean()
+        terms = [
+            1 - F.cosine_similarity(projector(features), per_view(teacher, index, chosen).float(), dim=1)
+            for projector, teacher in zip(self.projectors, self.teachers, strict=True)
+        ]
+        return (weights * torch.stack(terms, dim=1)).sum(1).mean()
 
 
 class NonFiniteLossError(MedkdError):
@@ -236,14 +250,17 @@ def train_epochs(
     on_step: Callable[[], None] | None = None,
     augmentation: Augmentation | None = None,
     feature_kd: FeatureDistillation | None = None,
+    weighting: TeacherWeighting | None = None,
 ) -> Iterator[EpochStats]:
     """Train epochs `loop.epoch + 1 … loop.epochs` on `alpha·hard + (1−alpha)·T²·KL`, yielding after each.
 
     `loop` comes from `LoopState.create` (or a checkpoint); it is updated before each yield, so the
     caller can checkpoint it there. `teacher_logits` (N_train, C) are looked up by each batch's dataset
     index, never by position; with an `augmentation` of stored views they are (N_train, K, C), looked up
-    at the view each image is shown as. `feature_kd` adds its term to the loss. A NaN or inf loss raises
-    `NonFiniteLossError` at the end of its epoch, before anything of that epoch is yielded.
+    at the view each image is shown as. Several teachers' logits have a teacher axis before the last,
+    (N_train, M, C) or (N_train, K, M, C), and `weighting` weighs them per image. `feature_kd` adds its
+    term to the loss. A NaN or inf loss raises `NonFiniteLossError` at the end of its epoch, before
+    anything of that epoch is yielded.
     """
     if teacher_logits is not None and len(teacher_logits) != len(train):
         raise MedkdError(f"{len(teacher_logits)} teacher logits for {len(train)} training images")
@@ -257,15 +274,26 @@ def train_epochs(
         views = None
         if augmentation is not None:
             views = functools.partial(augmentation.params_of, chosen=chosen, generator=loop.generator)
+        weight_sums = []
         for batch in train.batches(batch_size, view, shuffle=True, generator=loop.generator, views=views):
             teacher = per_view(teacher_logits, batch.index, chosen) if teacher_logits is not None else None
             with autocast(train.device):
                 logits = model(batch.images)  # (B, C)
-            terms = kd_loss(logits.float(), teacher, batch.targets, alpha, temperature, multilabel)
+            weights = None
+            if weighting is None:
+                terms = kd_loss(logits.float(), teacher, batch.targets, alpha, temperature, multilabel)
+            else:
+                weights = weighting.weights(teacher, batch.targets, multilabel)  # (B, M)
+                weight_sums.append(weights.detach().sum(0))
+                terms = mixture_kd_loss(
+                    logits.float(), teacher, weights, batch.targets, alpha, temperature, multilabel
+                )
             loss, feature = terms.loss, torch.zeros_like(terms.ce)
             if feature_kd is not None:
-                feature = feature_kd.term(batch.index, chosen)
+                feature = feature_kd.term(batch.index, chosen, weights)
                 loss = loss + feature_kd.weight * feature
+            if weighting is not None:
+                loss = loss - weighting.bonus(weights)
             loop.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             loop.optimizer.step()
@@ -284,9 +312,10 @@ def train_epochs(
         # Each column summed on its own, as a 1-D tensor: the same reduction order as a loss-only loop.
         loss, ce, kd, feature = (sums[:, i].contiguous().sum().item() / len(train) for i in range(4))
         seconds = time.perf_counter() - start
+        mean_weights = (torch.stack(weight_sums).sum(0) / len(train)).tolist() if weight_sums else None
         metrics, _ = evaluate_model(model, val, view)
         loop.epoch = epoch
         yield EpochStats(
             epoch, loss, ce, kd if alpha < 1 else None, current_lr, metrics["auc"], metrics["acc"],
-            seconds, len(train) / seconds, feature if feature_kd is not None else None,
+            seconds, len(train) / seconds, feature if feature_kd is not None else None, mean_weights,
         )  # fmt: skip

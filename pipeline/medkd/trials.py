@@ -19,8 +19,8 @@ from typing import Any
 
 from rich.console import Console
 
-from medkd.cache import TeacherCache, cache_fingerprint
-from medkd.config import DistillConfig, to_dict
+from medkd.cache import TeacherCache, run_fingerprint
+from medkd.config import DistillConfig, cache_paths, to_dict
 from medkd.distill import distill
 from medkd.errors import MedkdError
 from medkd.files import atomic_path, file_sha256
@@ -60,7 +60,7 @@ def finished_result(config: dict[str, Any]) -> RunResult | None:
     run_dir = Path(cfg.out)
     if not (run_dir / RESULT).exists():
         return None
-    expected = config_hash(to_dict(cfg), cache_fingerprint(cfg.cache) if cfg.cache else None)
+    expected = config_hash(to_dict(cfg), run_fingerprint(cfg.cache))
     try:
         result = read_result(run_dir)
     except MedkdError as err:
@@ -78,12 +78,15 @@ def finished_result(config: dict[str, Any]) -> RunResult | None:
 
 
 def run_trial(
-    config: dict[str, Any], cache: TeacherCache | None = None, console: Console | None = None
+    config: dict[str, Any],
+    cache: TeacherCache | list[TeacherCache] | None = None,
+    console: Console | None = None,
 ) -> RunResult:
     """Run one trial unless its folder already holds its result; return the result.
 
-    `cache` is a `TeacherCache` already in memory (else `distill` reads `config["cache"]`). A run that
-    fails leaves `error.json` in its folder, which `medkd report` lists, and raises.
+    `cache` is the `TeacherCache` (or, for several caches, the list) already in memory (else `distill`
+    reads `config["cache"]`). A run that fails leaves `error.json` in its folder, which `medkd report`
+    lists, and raises.
     """
     cfg = trial_config(config)
     done = finished_result(config)
@@ -114,15 +117,14 @@ def trial_status(config: dict[str, Any]) -> tuple[str, str]:
     )
 
 
-def trial_env(cache: str | None, launcher: str, stage_dir: str | None) -> dict[str, Any]:
-    """What every trial gets besides its config: the cache's absolute path, and where to stage it."""
-    if cache is None:
-        return {"cache": None, "cache_sha256": None, "stage_dir": None, "launcher": launcher}
+def trial_env(cache: str | tuple[str, ...] | None, launcher: str, stage_dir: str | None) -> dict[str, Any]:
+    """What every trial gets besides its config: the caches' absolute paths, and where to stage them."""
+    paths = [str(Path(p).resolve()) for p in cache_paths(cache)]
     return {
-        "cache": str(Path(cache).resolve()),
+        "caches": paths,
         # Hashed once here, so each node checks its copy against the file the sweep was started with.
-        "cache_sha256": file_sha256(cache) if stage_dir else None,
-        "stage_dir": stage_dir,
+        "cache_sha256": [file_sha256(p) for p in paths] if stage_dir and paths else None,
+        "stage_dir": stage_dir if paths else None,
         "launcher": launcher,
     }
 
@@ -136,21 +138,21 @@ def run_trials(
     """Run trials one after another in this process; return "ran"/"done"/"failed" for each.
 
     The local launcher calls this with all its trials, a Ray task or Slurm array task with its share.
-    The cache is opened (staged first with `stage_dir`) once, when the first trial that needs training
+    The caches are opened (staged first with `stage_dir`) once, when the first trial that needs training
     starts. No exception escapes: a failure is that trial's error.json. `on_done(config, seconds)` runs
     after each trial.
     """
     opened: list[TeacherCache] = []
 
-    def open_cache() -> TeacherCache | None:
-        if env["cache"] is None:
+    def open_cache() -> TeacherCache | list[TeacherCache] | None:
+        if not env["caches"]:
             return None
         if not opened:
-            path = env["cache"]
-            if env["stage_dir"]:
-                path = stage_cache(path, env["stage_dir"], env["cache_sha256"])
-            opened.append(TeacherCache(path))
-        return opened[0]
+            for i, path in enumerate(env["caches"]):
+                if env["stage_dir"]:
+                    path = stage_cache(path, env["stage_dir"], env["cache_sha256"][i])
+                opened.append(TeacherCache(path))
+        return opened[0] if len(opened) == 1 else list(opened)
 
     statuses = []
     for config in configs:
