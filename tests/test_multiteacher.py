@@ -9,6 +9,7 @@ import math
 import shutil
 
 import h5py
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -343,3 +344,22 @@ def test_a_multi_teacher_trial_stages_every_cache_and_a_worker_gets_absolute_pat
     monkeypatch.chdir(tmp_path)
     relative = absolute({**trial, "cache": ["x.h5", "y.h5"]})["cache"]
     assert relative == [str(tmp_path / "x.h5"), str(tmp_path / "y.h5")]
+
+
+@pytest.mark.realdata
+def test_confidence_weights_over_an_epoch_are_the_mean_over_genuine_breastmnist(real_data, tmp_path):
+    a = cache_teacher(tiny_cache_config(real_data, tmp_path / "a.h5"))
+    b = cache_teacher(tiny_cache_config(real_data, tmp_path / "b.h5", pool="cls+mean", teacher_size=14))
+    cfg = student_config(real_data, tmp_path / "run", cache=(str(a), str(b)), teacher_weighting="confidence")
+    result = distill(dataclasses.replace(cfg, epochs=1))
+    # Every training image is shown once an epoch: the epoch's mean weights are the mean over the training
+    # set of each image's softmax over teachers of log p_teacher(label), here in numpy from the files.
+    log_p = []
+    for summary in result.teachers:
+        with h5py.File(summary["cache"], "r") as f:
+            logits, labels = f["train/logits"][()].astype(np.float64), f["train/labels"][()][:, 0]
+        log_p.append(logits[np.arange(len(labels)), labels] - np.log(np.exp(logits).sum(1)))
+    log_p = np.stack(log_p, axis=1)  # (N, M)
+    weights = np.exp(log_p) / np.exp(log_p).sum(1, keepdims=True)
+    assert len(labels) == 546
+    assert result.history[0]["teacher_weights"] == pytest.approx(weights.mean(0).tolist(), rel=1e-5)
