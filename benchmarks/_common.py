@@ -13,8 +13,12 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+
+from medkd.data import DeviceSplit, View, dataset_info, load_arrays, num_outputs
+from medkd.students import build_student
 
 DATA_DIR = "/work/shared/data/medmnist"
 
@@ -113,3 +117,73 @@ def ratio_line(name: str, value: float, goal: str, ok: bool | None) -> None:
     """The last line of every script: the ratio that answers "does the cache pay?"."""
     verdict = "" if ok is None else ("  PASS" if ok else "  MISS")
     print(f"RATIO {name} = {value:.3f} (goal {goal}){verdict}")
+
+
+# ---------------------------------------------------------------- training-step benchmarks
+
+
+def step_parser(
+    doc: str, rounds: int = 12, quick: str = "batch 8, 6 rounds (< 1 min)"
+) -> argparse.ArgumentParser:
+    """The options every training-step benchmark has: data, student, batch, rounds, threads."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--dataset", default="breastmnist")
+    parser.add_argument("--student", default="resnet18")
+    parser.add_argument("--size", type=int, default=28, help="student input size (px)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--rounds", type=int, default=rounds, help="timed rounds (one untimed warm-up before)"
+    )
+    add_threads_arg(parser)
+    return parser
+
+
+def parse_step_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The parsed options, `--quick` applied (batch 8, 6 rounds) and the threads set."""
+    args = parser.parse_args()
+    if args.quick:
+        args.batch_size, args.rounds = 8, 6
+    set_threads(args.threads)
+    return args
+
+
+@dataclass
+class StepSetup:
+    """What a training-step benchmark times on: the genuine training split on the CPU, its outputs, the
+    student's view, fixed batches of dataset indices, and the one initial student every variant copies."""
+
+    train: DeviceSplit
+    n_out: int
+    view: View
+    batches: list[torch.Tensor]
+    student: torch.nn.Module
+
+
+def step_setup(args: argparse.Namespace) -> StepSetup:
+    torch.manual_seed(0)
+    info = dataset_info(args.dataset)
+    images, labels = load_arrays(args.dataset, 28, data_dir())["train"]
+    train = DeviceSplit(images, labels, info["task"], "cpu")
+    n_out = num_outputs(info["task"], len(info["label"]))
+    order, b = torch.randperm(len(train)), args.batch_size
+    batches = [order[i : i + b] for i in range(0, len(train) - b + 1, b)]
+    return StepSetup(train, n_out, View(args.size), batches, build_student(args.student, n_out, args.size))
+
+
+def step_rows(
+    times: dict[str, list[float]], batch_size: int, reference: Callable[[str], str]
+) -> tuple[list[list[object]], dict[str, float]]:
+    """Table rows (variant, ms/step, range, img/s, × its reference variant) and the median step times."""
+    per_step = {name: median(t) for name, t in times.items()}
+    rows = [
+        [
+            name,
+            per_step[name] * 1e3,
+            spread([s * 1e3 for s in t]),
+            batch_size / per_step[name],
+            per_step[name] / per_step[reference(name)],
+        ]
+        for name, t in times.items()
+    ]
+    return rows, per_step

@@ -10,29 +10,27 @@ per batch (the tiny DINOv2-architecture teacher, and a random-init ViT-S/14 at r
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 from collections.abc import Callable
 
 import torch
 from _common import (
-    add_threads_arg,
-    data_dir,
     interleave,
     median,
+    parse_step_args,
     print_table,
     ratio_line,
-    set_threads,
     spread,
+    step_parser,
+    step_setup,
 )
 from torch import nn
 
 from medkd.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneTeacher, build_teacher
-from medkd.data import DeviceSplit, View, dataset_info, load_arrays, num_outputs, prepare_images
+from medkd.data import View, prepare_images
 from medkd.losses import kd_loss
 from medkd.registry import TEACHERS
-from medkd.students import build_student
 
 ALPHA, TEMPERATURE = 0.2, 2.0
 
@@ -82,39 +80,18 @@ def loss_overhead(cached: torch.Tensor, targets: torch.Tensor, batch_size: int, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="batch 8, 6 rounds, no ViT-S/14 (< 1 min)")
-    parser.add_argument("--dataset", default="breastmnist")
-    parser.add_argument("--student", default="resnet18")
-    parser.add_argument("--size", type=int, default=28, help="student input size (px)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=8, help="timed rounds (one untimed warm-up before)")
+    parser = step_parser(__doc__, rounds=8, quick="batch 8, 6 rounds, no ViT-S/14 (< 1 min)")
     parser.add_argument("--steps", type=int, default=1, help="steps per variant per round")
     parser.add_argument("--teacher-size", type=int, default=224, help="tiny teacher's input size (px)")
     parser.add_argument("--vit-size", type=int, default=112, help="ViT-S/14 input size (px); 0 skips it")
-    add_threads_arg(parser)
-    args = parser.parse_args()
     # Many single-step rounds: the median then sees each variant under many states of the machine's load.
+    args = parse_step_args(parser)
     if args.quick:
-        args.batch_size, args.rounds, args.steps, args.vit_size = 8, 6, 1, 0
-    set_threads(args.threads)
-
-    torch.manual_seed(0)
-    info = dataset_info(args.dataset)
-    images, labels = load_arrays(args.dataset, 28, data_dir())["train"]
-    train = DeviceSplit(images, labels, info["task"], "cpu")
-    n_out = num_outputs(info["task"], len(info["label"]))
-    view = View(args.size)
+        args.steps, args.vit_size = 1, 0
+    setup = step_setup(args)
+    train, batches, view, n_out, base = setup.train, setup.batches, setup.view, setup.n_out, setup.student
     # The cache's logits for the train split: one in-memory (N, C) tensor, looked up by dataset index.
     cached = torch.randn(len(train), n_out)
-
-    order = torch.randperm(len(train))
-    batches = [
-        order[i : i + args.batch_size] for i in range(0, len(train) - args.batch_size + 1, args.batch_size)
-    ]
-    base = build_student(args.student, n_out, args.size)
 
     teachers: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
         "ce": None,

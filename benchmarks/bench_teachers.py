@@ -11,27 +11,17 @@ should cost what one does (goal: mean / one <= 1.05, and the same for the other 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 from collections.abc import Callable
 
 import torch
-from _common import (
-    add_threads_arg,
-    data_dir,
-    interleave,
-    median,
-    print_table,
-    ratio_line,
-    set_threads,
-    spread,
-)
+from _common import interleave, parse_step_args, print_table, ratio_line, step_parser, step_rows, step_setup
 from torch import nn
 
-from medkd.data import DeviceSplit, View, dataset_info, load_arrays, num_outputs, prepare_images
+from medkd.data import prepare_images
 from medkd.losses import kd_loss, mixture_kd_loss
-from medkd.students import FeatureTap, build_student
+from medkd.students import FeatureTap
 from medkd.train import FeatureDistillation
 from medkd.weighting import TeacherWeighting
 
@@ -40,39 +30,19 @@ VARIANTS = ("one", "mean", "confidence", "learned", "one_feature", "learned_feat
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="batch 8, 6 rounds (< 1 min)")
-    parser.add_argument("--dataset", default="breastmnist")
-    parser.add_argument("--student", default="resnet18")
-    parser.add_argument("--size", type=int, default=28, help="student input size (px)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser = step_parser(__doc__)
     parser.add_argument("--teachers", type=int, default=3, help="M, the caches of the multi-teacher run")
     parser.add_argument("--feature-dims", default="1280,1280,512", help="each teacher's D")
-    parser.add_argument("--rounds", type=int, default=12, help="timed rounds (one untimed warm-up before)")
-    add_threads_arg(parser)
-    args = parser.parse_args()
-    if args.quick:
-        args.batch_size, args.rounds = 8, 6
-    set_threads(args.threads)
-
-    torch.manual_seed(0)
-    info = dataset_info(args.dataset)
-    images, labels = load_arrays(args.dataset, 28, data_dir())["train"]
-    train = DeviceSplit(images, labels, info["task"], "cpu")
-    n, n_out, m = len(train), num_outputs(info["task"], len(info["label"])), args.teachers
+    args = parse_step_args(parser)
+    setup = step_setup(args)
+    train, batches, m = setup.train, setup.batches, args.teachers
     dims = [int(d) for d in args.feature_dims.split(",")][:m]
-    view = View(args.size)
     # What M caches put in memory: each teacher's logits (stacked on a teacher axis) and fp16 features.
-    logits = torch.randn(n, m, n_out) * 3
-    features = [torch.randn(n, d).half() for d in dims]
-    order = torch.randperm(n)
-    batches = [order[i : i + args.batch_size] for i in range(0, n - args.batch_size + 1, args.batch_size)]
-    base = build_student(args.student, n_out, args.size)
+    logits = torch.randn(len(train), m, setup.n_out) * 3
+    features = [torch.randn(len(train), d).half() for d in dims]
 
     def variant(name: str) -> Callable[[], None]:
-        model = copy.deepcopy(base).train()  # the same initial student for every variant
+        model = copy.deepcopy(setup.student).train()  # the same initial student for every variant
         kind = name.removesuffix("_feature")
         tap = FeatureTap(model) if name.endswith("_feature") or kind == "learned" else None
         weighting = TeacherWeighting.create(kind, m, tap, 0.1) if kind != "one" else None
@@ -90,7 +60,7 @@ def main() -> None:
 
         def run() -> None:
             idx = batches[next(cursor) % len(batches)]
-            x = prepare_images(train.images[idx], view)
+            x = prepare_images(train.images[idx], setup.view)
             out, target = model(x), train.targets[idx]
             weights = None
             if weighting is None:
@@ -108,17 +78,7 @@ def main() -> None:
         return run
 
     times = interleave({name: variant(name) for name in VARIANTS}, rounds=args.rounds)
-    per_step = {name: median(t) for name, t in times.items()}
-    rows = [
-        [
-            name,
-            per_step[name] * 1e3,
-            spread([s * 1e3 for s in times[name]]),
-            args.batch_size / per_step[name],
-            per_step[name] / per_step["one" if not name.endswith("_feature") else "one_feature"],
-        ]
-        for name in VARIANTS
-    ]
+    rows, per_step = step_rows(times, args.batch_size, lambda n: "one_feature" if "feature" in n else "one")
     print_table(
         f"bench_teachers: {args.student} at {args.size} px, batch {args.batch_size}, {args.dataset} train, "
         f"{m} teachers, CPU; median of {args.rounds} interleaved rounds",

@@ -11,27 +11,17 @@ adds the KL term, so it should cost what the augmented CE step costs (goal: kd_v
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 from collections.abc import Callable
 
 import torch
-from _common import (
-    add_threads_arg,
-    data_dir,
-    interleave,
-    median,
-    print_table,
-    ratio_line,
-    set_threads,
-    spread,
-)
+from _common import interleave, parse_step_args, print_table, ratio_line, step_parser, step_rows, step_setup
 from torch import nn
 
-from medkd.data import DeviceSplit, View, dataset_info, load_arrays, num_outputs, prepare_images
+from medkd.data import prepare_images
 from medkd.losses import kd_loss
-from medkd.students import FeatureTap, build_student
+from medkd.students import FeatureTap
 from medkd.train import Augmentation, FeatureDistillation, per_view
 from medkd.views import draw_views
 
@@ -40,44 +30,23 @@ VARIANTS = ("ce_plain", "ce_aug", "kd_views", "kd_views_feature")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="batch 8, 6 rounds (< 1 min)")
-    parser.add_argument("--dataset", default="breastmnist")
-    parser.add_argument("--student", default="resnet18")
-    parser.add_argument("--size", type=int, default=28, help="student input size (px)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser = step_parser(__doc__)
     parser.add_argument("--views", type=int, default=8, help="K, the cached views per image")
     parser.add_argument("--preset", default="medmnist")
     parser.add_argument("--feature-dim", type=int, default=1280, help="the teacher's D (Lite0: 1280)")
-    parser.add_argument("--rounds", type=int, default=12, help="timed rounds (one untimed warm-up before)")
-    add_threads_arg(parser)
-    args = parser.parse_args()
-    if args.quick:
-        args.batch_size, args.rounds = 8, 6
-    set_threads(args.threads)
-
-    torch.manual_seed(0)
-    info = dataset_info(args.dataset)
-    images, labels = load_arrays(args.dataset, 28, data_dir())["train"]
-    train = DeviceSplit(images, labels, info["task"], "cpu")
-    n, n_out = len(train), num_outputs(info["task"], len(info["label"]))
-    view = View(args.size)
+    args = parse_step_args(parser)
+    setup = step_setup(args)
+    train, batches, view, n = setup.train, setup.batches, setup.view, len(setup.train)
     # What a K-view cache puts in memory: the views' parameters, logits and (fp16) features.
     stored = Augmentation(args.preset, draw_views(args.preset, n, args.views, seed=0))
-    view_logits = torch.randn(n, args.views, n_out)
+    view_logits = torch.randn(n, args.views, setup.n_out)
     view_features = torch.randn(n, args.views, args.feature_dim).half()
     fresh = Augmentation(args.preset)
     generator = torch.Generator().manual_seed(0)
     chosen = stored.choose(n, generator)
 
-    order = torch.randperm(n)
-    batches = [order[i : i + args.batch_size] for i in range(0, n - args.batch_size + 1, args.batch_size)]
-    base = build_student(args.student, n_out, args.size)
-
     def variant(name: str) -> Callable[[], None]:
-        model = copy.deepcopy(base).train()  # the same initial student for every variant
+        model = copy.deepcopy(setup.student).train()  # the same initial student for every variant
         feature_kd = None
         params = list(model.parameters())
         if name == "kd_views_feature":
@@ -108,17 +77,7 @@ def main() -> None:
         return run
 
     times = interleave({name: variant(name) for name in VARIANTS}, rounds=args.rounds)
-    per_step = {name: median(t) for name, t in times.items()}
-    rows = [
-        [
-            name,
-            per_step[name] * 1e3,
-            spread([s * 1e3 for s in times[name]]),
-            args.batch_size / per_step[name],
-            per_step[name] / per_step["ce_aug"],
-        ]
-        for name in VARIANTS
-    ]
+    rows, per_step = step_rows(times, args.batch_size, lambda _: "ce_aug")
     print_table(
         f"bench_views: {args.student} at {args.size} px, batch {args.batch_size}, {args.dataset} train, "
         f"{args.views} {args.preset} views, CPU; median of {args.rounds} interleaved rounds",

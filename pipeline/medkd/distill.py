@@ -72,11 +72,6 @@ class Inputs:
     caches: list[TeacherCache] = field(default_factory=list)
     given: list[str] = field(default_factory=list)
 
-    @property
-    def cache(self) -> TeacherCache | None:
-        """The first cache (the only one of a single-teacher run); None without a cache."""
-        return self.caches[0] if self.caches else None
-
     def fingerprint(self) -> str | tuple[str, ...] | None:
         """What the config hash counts of the caches: one fingerprint, all of them, or None."""
         prints = tuple(c.fingerprint for c in self.caches)
@@ -93,7 +88,7 @@ class Inputs:
         """The run-name part of the teachers: the cache's teacher, or `A+B_mean` for several (`3-teachers`
         when their names are long)."""
         if len(self.caches) < 2:
-            return self.cache.attrs["teacher"] if self.cache else None
+            return self.caches[0].attrs["teacher"] if self.caches else None
         names = "+".join(path_safe(c.attrs["teacher"]) for c in self.caches)
         return f"{names if len(names) <= 80 else f'{len(self.caches)}-teachers'}_{weighting}"
 
