@@ -645,13 +645,17 @@ def _cached_fingerprint(path: str, _mtime_ns: int, _size: int) -> str:
         raise
 
 
-def run_fingerprint(cache: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
-    """What a run's config hash counts of its `cache` config value: one cache's fingerprint, a tuple of
-    them for several caches (the hash sorts them), None without a cache."""
-    prints = tuple(cache_fingerprint(path) for path in cache_paths(cache))
+def joint_fingerprint(prints: tuple[str, ...]) -> str | tuple[str, ...] | None:
+    """What a run's config hash counts of its caches' fingerprints: the one, a tuple of several (the hash
+    sorts them), None without a cache."""
     if not prints:
         return None
     return prints[0] if len(prints) == 1 else prints
+
+
+def run_fingerprint(cache: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+    """`joint_fingerprint` of the caches a `cache` config value names, read from their files."""
+    return joint_fingerprint(tuple(cache_fingerprint(path) for path in cache_paths(cache)))
 
 
 def tokens_path(out: str | os.PathLike) -> Path:

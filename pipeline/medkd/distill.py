@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from medkd.cache import TeacherCache, data_difference
+from medkd.cache import TeacherCache, data_difference, joint_fingerprint
 from medkd.config import DistillConfig, cache_paths, path_safe, short_number, to_dict
 from medkd.data import SPLITS, DeviceSplit, View, data_sha256, dataset_info, load_arrays, num_outputs
 from medkd.errors import MedkdError
@@ -73,9 +73,8 @@ class Inputs:
     given: list[str] = field(default_factory=list)
 
     def fingerprint(self) -> str | tuple[str, ...] | None:
-        """What the config hash counts of the caches: one fingerprint, all of them, or None."""
-        prints = tuple(c.fingerprint for c in self.caches)
-        return prints[0] if len(prints) == 1 else (prints or None)
+        """What the config hash counts of the caches (`joint_fingerprint`)."""
+        return joint_fingerprint(tuple(c.fingerprint for c in self.caches))
 
     def teacher_fields(self, weighting: str) -> dict[str, Any]:
         """RunResult's `teacher` (one cache), or `teachers` and `teacher_weighting` (several)."""
@@ -253,7 +252,8 @@ def distill(
     name = run_name(cfg, inputs.dataset, inputs.size, teacher, sources.label())
     run_dir = Path(cfg.out) if cfg.out else Path("runs") / name
     config = to_dict(cfg)
-    chash = config_hash(config, inputs.fingerprint())
+    fingerprint = inputs.fingerprint()
+    chash = config_hash(config, fingerprint)
     if cfg.resume and (run_dir / RESULT).exists():
         done = read_result(run_dir)
         if same_experiment(done, chash):
@@ -265,14 +265,13 @@ def distill(
     student_size = cfg.student_size or inputs.size
     model = build_student(cfg.student, inputs.n_outputs, student_size, cfg.student_weights).to(device)
     helpers = TrainingHelpers.create(cfg, sources, len(caches), model, device)
-    # The projectors and the gate train with the student (one optimizer) but are not part of it: best.pt
-    # holds the student.
-    trained = nn.ModuleList([model, *helpers.modules()]) if helpers.modules() else model
+    # One optimizer for the student and what trains beside it (best.pt holds the student alone).
+    trained = nn.ModuleList([model, *helpers.modules()])
     loop = LoopState.create(
         trained, cfg.lr, cfg.epochs, cfg.milestones, cfg.seed, optimizer=cfg.optimizer,
         weight_decay=cfg.weight_decay, schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
     )  # fmt: skip
-    checkpoint = read_epoch_checkpoint(run_dir, chash, config, inputs.fingerprint()) if cfg.resume else None
+    checkpoint = read_epoch_checkpoint(run_dir, chash, config, fingerprint) if cfg.resume else None
     if cfg.resume and checkpoint is None:
         console.print(f"no epoch checkpoint in {run_dir}: starting at epoch 1", soft_wrap=True)
     prepare_run_dir(run_dir, cfg.force)  # last check before work: nothing is written on bad input
@@ -342,14 +341,14 @@ class TrainingHelpers:
     def create(
         cls, cfg: DistillConfig, sources: Sources, n_caches: int, model: nn.Module, device: torch.device
     ) -> TrainingHelpers:
-        learned = n_caches > 1 and cfg.teacher_weighting == "learned" and sources.logits is not None
+        weighed = n_caches > 1 and sources.logits is not None  # several teachers' outputs are used
         tap = None
-        if sources.features is not None or learned:
+        if sources.features is not None or (weighed and cfg.teacher_weighting == "learned"):
             purpose = "--feature-weight" if sources.features is not None else "--teacher-weighting learned"
             tap = FeatureTap(model, purpose)
         feature_kd = sources.feature_distillation(cfg.feature_weight, tap, device)
         weighting = None
-        if n_caches > 1 and sources.logits is not None:
+        if weighed:
             weighting = TeacherWeighting.create(cfg.teacher_weighting, n_caches, tap, cfg.gate_entropy)
             if weighting.gate is not None:
                 weighting.gate.to(device)
