@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,92 +18,16 @@ import torch
 import torchvision
 from torch import nn
 
-from medkd.config import RUN_OPTIONS, run_teacher_paths
-from medkd.data import SPLITS, View
-from medkd.errors import MedkdError, first_line
-from medkd.files import file_sha256
+from medkd.config import run_teacher_paths
+from medkd.data import SPLITS
+from medkd.errors import MedkdError
 from medkd.registry import RUN_PREFIX
-from medkd.runs import CHECKPOINT, RESULT, RunResult, load_checkpoint, read_result
-from medkd.students import build_student, student_classifier, student_features
+from medkd.students import student_classifier, student_features
 from medkd.teachers import Teacher, TeacherOutput
+from medkd.trained import TrainedRun, load_trained_run
 
 # How the members' logits are combined, recorded in the cache (see `ensemble_logits`).
 COMBINE = "mean_logits"
-
-
-@dataclass(frozen=True)
-class RunMember:
-    """One finished run, ready to predict: its network (eval mode, on the CPU) and what it recorded."""
-
-    path: Path
-    result: RunResult
-    model: nn.Module
-    checkpoint_sha256: str
-    checkpoint_epoch: int
-
-    @property
-    def view(self) -> View:
-        """The view the run trained and evaluated with (`distill`: student size, interpolation, 0.5/0.5)."""
-        interpolation = self.result.config.get("interpolation") or "bicubic"
-        return View(self.result.student_size, interpolation=interpolation)
-
-    def provenance(self) -> dict[str, Any]:
-        """What the cache records about this member."""
-        r = self.result
-        return {
-            "run_dir": str(self.path),
-            "student": r.student,
-            "student_size": r.student_size,
-            "interpolation": r.config.get("interpolation"),
-            "alpha": r.alpha,
-            "temperature": r.temperature,
-            "seed": r.seed,
-            "teacher": (r.teacher or {}).get("teacher"),
-            "config_hash": r.config_hash,
-            "best_sha256": self.checkpoint_sha256,
-            "best_epoch": r.best_epoch,
-            "epochs_run": r.epochs_run,
-            "val_auc": r.val["auc"],
-            "val_acc": r.val["acc"],
-            "test_auc": r.test["auc"],
-            "test_acc": r.test["acc"],
-        }
-
-
-def load_member(run_dir: str | Path) -> RunMember:
-    """Rebuild a finished run's network from its `result.json` config and `best.pt`; refuse anything else."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise MedkdError(f"teacher run folder {path} not found; give run:PATH of a finished medkd run")
-    result = read_result(path)
-    checkpoint = path / CHECKPOINT
-    if not checkpoint.is_file():
-        raise MedkdError(
-            f"teacher run {path} has no {CHECKPOINT}; it did not finish, or the file was removed: "
-            f"rerun it with `medkd distill --out {path} --force`"
-        )
-    what = f"teacher run {path}"
-    try:
-        stored = load_checkpoint(checkpoint, "a medkd checkpoint")
-    except MedkdError as err:
-        raise MedkdError(f"{what}: {err}; it must be the best.pt that `medkd distill` wrote there") from err
-    saved = stored.get("config")
-    if not isinstance(saved, dict) or _strip(saved) != _strip(result.config):
-        raise MedkdError(
-            f"{what}: {checkpoint} was saved by another run than {path / RESULT} describes "
-            f"(its config differs); put back that run's best.pt or rerun it"
-        )
-    try:
-        model = build_student(result.student, result.n_outputs, result.student_size)
-        model.load_state_dict(stored["model"], strict=True)
-    except (RuntimeError, MedkdError) as err:
-        first = first_line(err)
-        raise MedkdError(
-            f"{what}: {checkpoint} does not fit {result.student} with {result.n_outputs} outputs at "
-            f"{result.student_size} px ({first})"
-        ) from err
-    model.eval().requires_grad_(False)
-    return RunMember(path, result, model, file_sha256(checkpoint), int(stored.get("epoch", 0)))
 
 
 class _LogitsAndFeatures(nn.Module):
@@ -141,7 +64,7 @@ class RunTeacher(Teacher):
     """One finished run, or a mean-logit ensemble of several, as a teacher: each member sees its own
     view (the size and resize it trained with); features are the members' penultimate features, joined."""
 
-    def __init__(self, teacher: str, members: list[RunMember]):
+    def __init__(self, teacher: str, members: list[TrainedRun]):
         super().__init__()
         self.members = members
         self.nets = nn.ModuleList(_LogitsAndFeatures(m.model) for m in members)
@@ -170,7 +93,7 @@ class RunTeacher(Teacher):
             "std": list(self.members[0].view.std),
             "pool": "avgpool",  # the ResNet's global average pool, the input of its classifier
             "random_init": False,
-            "ensemble": {"combine": COMBINE, "members": [m.provenance() for m in self.members]},
+            "ensemble": {"combine": COMBINE, "members": [_member_provenance(m) for m in self.members]},
         }
 
     def head_record(self, metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -205,7 +128,7 @@ class RunTeacher(Teacher):
 
 def load_run_teacher(teacher: str) -> RunTeacher:
     """The teacher `run:A[,run:B…]`: every member loaded and checked before any data is read."""
-    return RunTeacher(teacher, [load_member(p) for p in run_teacher_paths(teacher)])
+    return RunTeacher(teacher, [load_trained_run(p, "teacher run") for p in run_teacher_paths(teacher)])
 
 
 def _joined(values: list[Any]) -> str:
@@ -224,7 +147,7 @@ def _ensemble_sha(shas: list[str]) -> str:
     return shas[0] if len(shas) == 1 else hashlib.sha256("+".join(shas).encode()).hexdigest()
 
 
-def _head(members: list[RunMember], metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
+def _head(members: list[TrainedRun], metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
     """The classifier as a linear head on the cached features: logits = features @ weight.T + bias.
 
     For k members on concatenated features, weight = [W1 … Wk] / k and bias = mean(b): exactly the
@@ -254,6 +177,24 @@ def _head(members: list[RunMember], metrics: dict[str, dict[str, float]]) -> dic
     return record
 
 
-def _strip(config: dict[str, Any]) -> dict[str, Any]:
-    # A checkpoint whose config differs from result.json only in run options still belongs to that run.
-    return {k: v for k, v in config.items() if k not in RUN_OPTIONS}
+def _member_provenance(member: TrainedRun) -> dict[str, Any]:
+    """What the cache records about one member run."""
+    r = member.result
+    return {
+        "run_dir": str(member.path),
+        "student": r.student,
+        "student_size": r.student_size,
+        "interpolation": r.config.get("interpolation"),
+        "alpha": r.alpha,
+        "temperature": r.temperature,
+        "seed": r.seed,
+        "teacher": (r.teacher or {}).get("teacher"),
+        "config_hash": r.config_hash,
+        "best_sha256": member.checkpoint_sha256,
+        "best_epoch": r.best_epoch,
+        "epochs_run": r.epochs_run,
+        "val_auc": r.val["auc"],
+        "val_acc": r.val["acc"],
+        "test_auc": r.test["auc"],
+        "test_acc": r.test["acc"],
+    }
