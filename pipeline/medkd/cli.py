@@ -33,6 +33,7 @@ from medkd.config import (
 from medkd.errors import MedkdError
 from medkd.registry import (
     AUGMENTS,
+    EXPORT_FORMATS,
     HEADS,
     INTERPOLATIONS,
     LAUNCHERS,
@@ -44,6 +45,8 @@ from medkd.registry import (
     is_run_teacher,
     teacher_spec,
 )
+
+SPLITS = ("train", "val", "test")  # medkd.data.SPLITS, which imports torch
 
 # Progress and tables go to stderr; stdout carries machine-readable output (paths, CSV).
 console = Console(stderr=True)
@@ -500,6 +503,166 @@ def report(runs_dir: str, fmt: str, plot: str | None) -> None:
     from medkd.report import report as run_report
 
     run_report(runs_dir, fmt=fmt, plot=plot, console=console)
+
+
+# ---------------------------------------------------------------- deploy and explain
+
+run_argument = click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False))
+threads_option = click.option("--threads", type=click.IntRange(min=1), help="CPU threads [default: torch's].")
+figure_options = (
+    click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write."),
+    click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True),
+    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--force", is_flag=True, help="Replace an existing PNG."),
+)
+
+
+def with_options(*decorators: Callable) -> Callable:
+    def apply(f: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+
+    return apply
+
+
+@main.command()
+@run_argument
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="onnx", show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    help="Model file [default: RUN/student.onnx or RUN/student.torchscript.pt].",
+)
+@click.option(
+    "--batch", default="dynamic", show_default=True, help="'dynamic' (any batch size) or a fixed batch size."
+)
+@data_dir_option
+@click.option("--force", is_flag=True, help="Replace an earlier export of medkd at --out.")
+def export(run_dir: str, fmt: str, out: str | None, batch: str, data_dir: str | None, force: bool) -> None:
+    """Write RUN's student with its preprocessing (float32 [0, 1] images at the data's size → logits) as ONNX
+    or TorchScript, check it reproduces RUN's test predictions, and write a sidecar JSON beside it."""
+    from medkd.deploy import export_run
+
+    exported = export_run(run_dir, fmt, out, batch, data_dir, force)
+    console.print(exported.check.line(), soft_wrap=True, markup=False, highlight=False)
+    console.print(f"sidecar {exported.sidecar}", soft_wrap=True, markup=False, highlight=False)
+    click.echo(str(exported.path))
+
+
+@main.command()
+@click.argument("source", metavar="RUN_OR_MODEL", type=click.Path(exists=True))
+@click.argument("images", type=click.Path(exists=True))
+@click.option("--out", type=click.Path(dir_okay=False), help="CSV file [default: stdout].")
+@click.option(
+    "--split", type=click.Choice(SPLITS), default="test", show_default=True, help="The split of an .npz."
+)
+@threads_option
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+def predict(source: str, images: str, out: str | None, split: str, threads: int | None, force: bool) -> None:
+    """Class probabilities of IMAGES (a MedMNIST .npz, a folder of PNG/JPEG, or one image) from a run
+    folder or an exported .onnx model, as CSV: path (or index), label, name, one column per class."""
+    from medkd.predict import predict as run_predict
+
+    rows, read = run_predict(source, images, out, split, threads, force)
+    if read.resized:
+        console.print(
+            f"note: {read.resized} image(s) were not at the model's size and were resized (PIL bicubic)"
+        )
+    if out:
+        console.print(f"{len(rows)} predictions → {out}", soft_wrap=True, markup=False, highlight=False)
+
+
+@main.command()
+@click.argument("target", metavar="RUN|TEACHER|MODEL.onnx")
+@click.option(
+    "--teacher-size", type=click.IntRange(min=8), help="Teacher input size [default: the teacher's own]."
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Batch for img/s."
+)
+@click.option(
+    "--repeats", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs at batch 1."
+)
+@threads_option
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the rows as JSON here.")
+def profile(
+    target: str, teacher_size: int | None, batch_size: int, repeats: int, threads: int | None, out: str | None
+) -> None:
+    """Parameters, MACs, CPU latency at batch 1 and img/s at a batch of a run's student (and its ONNX
+    export), a teacher (by name, random weights: speed does not depend on them) or an exported model."""
+    from pathlib import Path
+
+    from medkd.profiling import machine, profile_table, profile_target, write_profile
+    from medkd.registry import RUN_PREFIX
+    from medkd.runs import PROFILE, RESULT
+
+    rows = profile_target(target, teacher_size, batch_size, repeats, threads)
+    facts = machine()
+    # A table in a log gets 160 columns, not rich's 80, so the model names are not folded.
+    Console(stderr=True, width=None if sys.stderr.isatty() else 160).print(profile_table(rows))
+    console.print(
+        f"machine: {facts['cpu']}, {facts['cores']} logical cores, {rows[0].threads} thread(s)",
+        soft_wrap=True, markup=False,
+    )  # fmt: skip
+    written = [Path(out)] if out else []
+    folder = Path(target.removeprefix(RUN_PREFIX))
+    if (folder / RESULT).is_file():  # a run keeps its profile beside its result
+        written.append(folder / PROFILE)
+    for path in written:
+        write_profile(path, rows)
+        console.print(f"→ {path}", soft_wrap=True, markup=False, highlight=False)
+
+
+@main.command()
+@click.argument("sources", metavar="CACHE_OR_RUN...", nargs=-1, required=True, type=click.Path(exists=True))
+@with_options(*figure_options)
+@click.option("--perplexity", type=click.FloatRange(min=1), default=30.0, show_default=True)
+@data_dir_option
+def tsne(
+    sources: tuple[str, ...],
+    out: str,
+    split: str,
+    seed: int,
+    force: bool,
+    perplexity: float,
+    data_dir: str | None,
+) -> None:
+    """t-SNE of a cache's teacher features and/or a run's student penultimate features (one panel each,
+    side by side), coloured by label: the paper's Figure 5."""
+    from medkd.embeddings import tsne_figure
+
+    path = tsne_figure(list(sources), out, split, seed, perplexity, data_dir, force)
+    click.echo(str(path))
+
+
+@main.command()
+@run_argument
+@click.option("--images", "n_images", type=click.IntRange(min=1), default=8, show_default=True)
+@with_options(*figure_options)
+@click.option(
+    "--teacher-run",
+    type=click.Path(exists=True, file_okay=False),
+    help="A CNN teacher's run: its maps beside.",
+)
+@data_dir_option
+def gradcam(
+    run_dir: str,
+    n_images: int,
+    out: str,
+    split: str,
+    seed: int,
+    force: bool,
+    teacher_run: str | None,
+    data_dir: str | None,
+) -> None:
+    """Grad-CAM heatmaps of RUN's student on its last conv block, for a seeded, class-stratified choice
+    of images: image, overlay, predicted vs true label (and a CNN teacher run's overlay): the paper's
+    Figure 6."""
+    from medkd.saliency import gradcam_figure
+
+    path = gradcam_figure(run_dir, out, n_images, split, teacher_run, seed, data_dir, force)
+    click.echo(str(path))
 
 
 @main.command()

@@ -108,6 +108,8 @@ AUGMENTS = ("none", "flip", "crop", "medmnist")
 # How a run with several teacher caches weighs them per image (`medkd.weighting`).
 TEACHER_WEIGHTINGS = ("mean", "confidence", "learned")
 LAUNCHERS = ("local", "ray", "slurm")
+# `medkd export`: what a trained student is written as (`medkd.deploy`).
+EXPORT_FORMATS = ("onnx", "torchscript")
 SLURM_CLUSTERS = ("slurm", "local", "debug")  # submitit executors; "local" runs the array as local processes
 
 

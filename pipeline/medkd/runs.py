@@ -36,7 +36,8 @@ EPOCH_CHECKPOINT = "last.pt"
 ERROR = "error.json"
 TRIAL = "trial.json"
 SWEEP = "sweep.json"  # in a sweep's folder: its config and trial names
-RUN_FILES = (RESULT, CHECKPOINT, PREDICTIONS, EPOCH_CHECKPOINT, ERROR, TRIAL)
+PROFILE = "profile.json"  # `medkd profile RUN`: the student's size and speed on a named machine
+RUN_FILES = (RESULT, CHECKPOINT, PREDICTIONS, EPOCH_CHECKPOINT, ERROR, TRIAL, PROFILE)
 # Any of these makes a folder a run folder (finished, unfinished or failed) for `medkd report`.
 RUN_MARKERS = (RESULT, CHECKPOINT, PREDICTIONS, ERROR)
 # 2: the grid keys (alpha, temperature, lr, seed, student) live in `config` only. 1 also copied them
@@ -228,6 +229,22 @@ def read_result(run_dir: str | os.PathLike) -> RunResult:
 def write_predictions(run_dir: Path, y_true: Any, y_score: Any, task: str) -> None:
     with atomic_path(run_dir / PREDICTIONS) as tmp, open(tmp, "wb") as f:
         np.savez(f, y_true=y_true, y_score=y_score, task=np.array(task))
+
+
+def read_predictions(run_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """`predictions.npz` as `{"y_true", "y_score", "task"}`; a missing or unreadable file is one line."""
+    path = Path(run_dir) / PREDICTIONS
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in ("y_true", "y_score", "task")}
+    except FileNotFoundError:
+        raise MedkdError(
+            f"run {run_dir} has no {PREDICTIONS}; rerun it with `medkd distill --force`"
+        ) from None
+    except Exception as err:  # a damaged zip raises several types; all mean the same here
+        raise MedkdError(f"cannot read {path} as a medkd {PREDICTIONS} ({first_line(err)})") from err
+    data["task"] = str(data["task"])
+    return data
 
 
 def write_error(run_dir: str | os.PathLike, config: dict[str, Any], err: BaseException) -> None:
