@@ -517,15 +517,6 @@ figure_options = (
 )
 
 
-def with_options(*decorators: Callable) -> Callable:
-    def apply(f: Callable) -> Callable:
-        for decorator in reversed(decorators):
-            f = decorator(f)
-        return f
-
-    return apply
-
-
 @main.command()
 @run_argument
 @click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="onnx", show_default=True)
@@ -593,9 +584,8 @@ def profile(
     export), a teacher (by name, random weights: speed does not depend on them) or an exported model."""
     from pathlib import Path
 
-    from medkd.profiling import machine, profile_table, profile_target, write_profile
-    from medkd.registry import RUN_PREFIX
-    from medkd.runs import PROFILE, RESULT
+    from medkd.profiling import machine, profile_table, profile_target, resolve_target, write_profile
+    from medkd.runs import PROFILE
 
     rows = profile_target(target, teacher_size, batch_size, repeats, threads)
     facts = machine()
@@ -606,9 +596,9 @@ def profile(
         soft_wrap=True, markup=False,
     )  # fmt: skip
     written = [Path(out)] if out else []
-    folder = Path(target.removeprefix(RUN_PREFIX))
-    if (folder / RESULT).is_file():  # a run keeps its profile beside its result
-        written.append(folder / PROFILE)
+    kind, where = resolve_target(target)
+    if kind == "run":  # a run keeps its profile beside its result
+        written.append(Path(where) / PROFILE)
     for path in written:
         write_profile(path, rows)
         console.print(f"→ {path}", soft_wrap=True, markup=False, highlight=False)
@@ -616,7 +606,7 @@ def profile(
 
 @main.command()
 @click.argument("sources", metavar="CACHE_OR_RUN...", nargs=-1, required=True, type=click.Path(exists=True))
-@with_options(*figure_options)
+@stack(*figure_options)
 @click.option("--perplexity", type=click.FloatRange(min=1), default=30.0, show_default=True)
 @data_dir_option
 def tsne(
@@ -639,7 +629,7 @@ def tsne(
 @main.command()
 @run_argument
 @click.option("--images", "n_images", type=click.IntRange(min=1), default=8, show_default=True)
-@with_options(*figure_options)
+@stack(*figure_options)
 @click.option(
     "--teacher-run",
     type=click.Path(exists=True, file_okay=False),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -53,10 +54,9 @@ class DeployedStudent(nn.Module):
         self.interpolation = view.interpolation
         self.resize = data_size != view.size
         self.channels = channels
-        self.register_buffer("scale", 1 / torch.tensor(view.std).view(1, 3, 1, 1))
-        self.register_buffer(
-            "shift", -torch.tensor(view.mean).view(1, 3, 1, 1) / torch.tensor(view.std).view(1, 3, 1, 1)
-        )
+        mean, std = torch.tensor(view.mean).view(1, 3, 1, 1), torch.tensor(view.std).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1 / std)
+        self.register_buffer("shift", -mean / std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images
@@ -266,8 +266,6 @@ def _check_target(path: Path, force: bool) -> None:
 
 
 def _is_export(sidecar: Path) -> bool:
-    import json
-
     try:
         return "medkd_export" in json.loads(sidecar.read_text())
     except (OSError, ValueError, TypeError):

@@ -82,7 +82,7 @@ def profile_target(
     teacher builds offline that way.
     """
     _check_settings(batch_size, repeats, threads)
-    kind, where = _resolve(target)
+    kind, where = resolve_target(target)
     if teacher_size is not None and kind != "teacher":
         what = "an ONNX model" if kind == "onnx" else "a run folder"
         raise MedkdError(f"a teacher size applies to a teacher only; {target} is {what}")
@@ -94,7 +94,8 @@ def profile_target(
     return _profile_run(where, **settings)
 
 
-def _resolve(target: str) -> tuple[str, str]:
+def resolve_target(target: str) -> tuple[str, str]:
+    """`(kind, where)` of a profile target: ("run", folder), ("teacher", name) or ("onnx", path)."""
     # A folder with a result.json is a run even if a teacher has its name; a teacher name wins over a
     # folder that is not a run, and load_trained_run says what a run folder lacks.
     if is_run_teacher(target):  # run:PATH, as `cache-teacher --teacher` takes a run

@@ -191,7 +191,7 @@ def gradcam_figure(
         last_conv_block(r.model)  # a non-CNN is refused before any Grad-CAM is computed
     data, labels = run.split(split, data_dir)
     if teacher_run is not None:
-        rows[1][0].split(split, data_dir)  # refuses a teacher run trained on other data of that name
+        rows[1][0].check_data(split, data, labels)  # a teacher run trained on other data of that name
     names = label_names(run.result.dataset)
     index = pick_images(labels, images, seed)
     chosen, truth = data[index], labels[index]

@@ -43,15 +43,18 @@ class TrainedRun:
         from what the run recorded (its split sha256) is refused."""
         if split not in SPLITS:
             raise MedkdError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
-        r = self.result
-        images, labels = load_medmnist(r.dataset, split, int(r.size), data_dir)
-        recorded = r.data_sha256.get(split)
+        images, labels = load_medmnist(self.result.dataset, split, int(self.result.size), data_dir)
+        self.check_data(split, images, labels)
+        return images, labels
+
+    def check_data(self, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+        """Refuse a split other than the one the run recorded (its sha256), e.g. one read for another run."""
+        recorded = self.result.data_sha256.get(split)
         if recorded is not None and recorded != data_sha256(images, labels):
             raise MedkdError(
-                f"{self.role} {self.path} was trained on other {r.dataset} data ({split} sha256 "
+                f"{self.role} {self.path} was trained on other {self.result.dataset} data ({split} sha256 "
                 f"{recorded[:12]}…) than the data folder holds; point --data-dir at its data"
             )
-        return images, labels
 
 
 def load_trained_run(run_dir: str | Path, role: str = "run") -> TrainedRun:
