@@ -109,13 +109,13 @@ def test_unknown_option_errors() -> None:
 
 
 def test_user_error_is_one_line_without_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import medkd.data
+    import medkd.datasets
     from medkd.errors import MedkdError
 
     def broken(*args, **kwargs):
         raise MedkdError("something is wrong with breastmnist; pass --data-dir DIR")
 
-    monkeypatch.setattr(medkd.data, "local_status", broken)
+    monkeypatch.setattr(medkd.datasets, "local_status", broken)
     result = CliRunner().invoke(main, ["datasets", "--data-dir", str(tmp_path)], env=ENV)
     assert result.exit_code == 1
     assert result.stderr.strip() == "Error: something is wrong with breastmnist; pass --data-dir DIR"
@@ -126,12 +126,12 @@ def test_user_error_is_one_line_without_traceback(monkeypatch: pytest.MonkeyPatc
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import medkd.data
+    import medkd.datasets
 
     def buggy(*args, **kwargs):
         raise KeyError("not a user error")
 
-    monkeypatch.setattr(medkd.data, "local_status", buggy)
+    monkeypatch.setattr(medkd.datasets, "local_status", buggy)
     result = CliRunner().invoke(main, ["datasets", "--data-dir", str(tmp_path)], env=ENV)
     assert result.exit_code == 1
     assert isinstance(result.exception, KeyError)

@@ -210,7 +210,7 @@ def test_predict_refusals(runs, synthetic_root, tmp_path):
     with pytest.raises(MedkdError, match="neither a run folder"):
         load_predictor(tmp_path / "m.onnx.json")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(MedkdError, match="holds no .png/.jpg/.jpeg files"):
+    with pytest.raises(MedkdError, match=r"holds no image files \(.png/.jpg/.jpeg/.tif"):
         predict(runs["breastmnist"], tmp_path / "empty")
     with pytest.raises(MedkdError, match="has no 'test_images'"):
         np.savez(tmp_path / "x.npz", pictures=np.zeros((2, 28, 28), np.uint8))

@@ -31,6 +31,7 @@ import torch
 from medkd import __version__
 from medkd.config import cache_paths
 from medkd.data import SPLITS, data_sha256, is_multilabel, num_outputs
+from medkd.datasets import dataset_sha256, is_custom, same_dataset
 from medkd.errors import MedkdError
 from medkd.files import atomic_path
 from medkd.head import MeanHead, head_from_record
@@ -114,8 +115,11 @@ def _write_split(group: h5py.Group, arrays: dict[str, np.ndarray]) -> None:
 
 
 def dataset_attrs(dataset: str, size: int, task: str, label_names: dict[str, str]) -> dict[str, Any]:
-    """The root attrs every cache carries whatever its teacher: versions, creation time and the dataset."""
+    """The root attrs every cache carries whatever its teacher: versions, creation time and the dataset
+    (a custom file's absolute path, with its `dataset_sha256`)."""
+    custom = {"dataset_sha256": dataset_sha256(dataset)} if is_custom(dataset) else {}
     return {
+        **custom,
         "medkd_version": __version__,
         "torch_version": torch.__version__,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -562,7 +566,7 @@ class TeacherCache:
             f"rebuild it with `medkd cache-teacher --dataset {flag} --size {size} "
             f"--teacher {self.attrs['teacher']} --force`"
         )
-        if self.attrs["dataset"] != flag or int(self.attrs["image_size"]) != int(size):
+        if not same_dataset(self.attrs["dataset"], flag) or int(self.attrs["image_size"]) != int(size):
             raise MedkdError(
                 f"cache {self.path} was built from {built}; the data given is {flag} ({size} px): "
                 f"{rebuild}, or pass the matching --dataset/--size"
@@ -582,7 +586,9 @@ class TeacherCache:
 def data_difference(a: TeacherCache, b: TeacherCache) -> str:
     """What differs between the data two caches were built from ("" when they describe the same data):
     dataset, size, task, classes, or a split's size or data sha256."""
-    for key in ("dataset", "image_size", "task", "n_classes"):
+    if not same_dataset(a.attrs["dataset"], b.attrs["dataset"]):  # two custom paths: the hashes decide
+        return f"dataset {a.attrs['dataset']} vs {b.attrs['dataset']}"
+    for key in ("image_size", "task", "n_classes"):
         if a.attrs.get(key) != b.attrs.get(key):
             return f"{key} {a.attrs.get(key)} vs {b.attrs.get(key)}"
     for split in SPLITS:

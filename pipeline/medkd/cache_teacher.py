@@ -36,6 +36,7 @@ from medkd.config import CacheTeacherConfig, to_dict
 from medkd.data import SPLITS, DeviceSplit, dataset_info, load_arrays, num_outputs
 from medkd.errors import MedkdError
 from medkd.head import HEAD_INPUTS, FittedHeads, Rows, fit_heads, fold_logits, head_record, predict
+from medkd.mapped import release
 from medkd.metrics import evaluate, scores_from_logits
 from medkd.partial import (
     PartialOutputs,
@@ -116,7 +117,7 @@ def cache_teacher(cfg: CacheTeacherConfig, console: Console | None = None) -> Pa
     device = resolve_device(cfg.device)
     info = dataset_info(cfg.dataset)
     task, label_names = info["task"], info["label"]
-    arrays = load_arrays(cfg.dataset, cfg.size, cfg.data_dir, cfg.download)
+    arrays = load_arrays(cfg.dataset, cfg.size, cfg.data_dir, cfg.download, cfg.max_memory_gb, device.type)
     split_attrs = data_split_attrs(arrays)  # hashed once: the teacher's check, the partial key, the attrs
     shas = {split: split_attrs[split]["data_sha256"] for split in SPLITS}
     teacher.check_data(cfg.dataset, cfg.size, num_outputs(task, len(label_names)), shas)
@@ -356,12 +357,15 @@ def teacher_outputs(
         for split in SPLITS:
             images = arrays[split][0]
             for start in range(f.done(split), len(images), chunk):
-                block = torch.from_numpy(images[start : start + chunk]).to(device)  # (B, H, W[, 3]) uint8
+                rows = images[start : start + chunk]  # a memory-mapped split: copied, as torch wants writable
+                rows = np.array(rows) if isinstance(images, np.memmap) else rows
+                block = torch.from_numpy(rows).to(device)  # (B, H, W[, 3]) uint8
                 out = encode(teacher, block, cfg.feature_batch_size, with_tokens=with_tokens)
                 logits = out.logits.numpy() if out.logits is not None else None
                 tokens = out.tokens.numpy() if with_tokens else None  # (B, T, D_tok) float16
                 f.write(split, len(images), start, out.features.numpy(), logits, tokens)
                 progress.advance(bar, len(block))
+                release(images)  # a memory-mapped split streams: the chunk's pages are let go
             outputs[split] = TeacherOutput(*f.read(split))
     return outputs
 

@@ -1,7 +1,7 @@
 """The `medkd` command line: click parses and loads config, one library call does the work.
 
-Only click, rich and medkd's torch-free modules (`config`, `registry`, `errors`) are imported here; the
-library (torch, timm, h5py) is imported inside the command bodies, so `medkd --help` and
+Only click, rich and medkd's torch-free modules (`config`, `registry`, `datasets`, `errors`) are imported
+here; the library (torch, timm, h5py) is imported inside the command bodies, so `medkd --help` and
 `medkd COMMAND --help` stay fast. Defaults live in the config dataclasses and the choices in the
 registries; the options below read both, so `--help` shows what a run will really use.
 """
@@ -30,6 +30,7 @@ from medkd.config import (
     split_launch,
     unknown_teacher,
 )
+from medkd.datasets import SPLITS, TASKS
 from medkd.errors import MedkdError
 from medkd.registry import (
     AUGMENTS,
@@ -45,8 +46,6 @@ from medkd.registry import (
     is_run_teacher,
     teacher_spec,
 )
-
-SPLITS = ("train", "val", "test")  # medkd.data.SPLITS, which imports torch
 
 # Progress and tables go to stderr; stdout carries machine-readable output (paths, CSV).
 console = Console(stderr=True)
@@ -196,6 +195,7 @@ data_dir_option = click.option(
     envvar="MEDKD_DATA",
     help="Folder of MedMNIST .npz files [env: MEDKD_DATA; else medmnist's root].",
 )
+SIZE_SHOWN = "the data's own: 28 for a flag, a custom file's size"
 MILESTONES_HELP = "Epochs where lr drops ×0.1 [default: epochs/2, 3·epochs/4]."
 
 
@@ -206,10 +206,38 @@ def run_options(cls: type, force_help: str = "Overwrite an existing output.") ->
         option(
             cls, "download", is_flag=True, help="Fetch missing MedMNIST files with medmnist's downloader."
         ),
+        option(
+            cls,
+            "max_memory_gb",
+            type=float,
+            shown="a quarter of RAM (and of GPU memory on CUDA)",  # mapped.DEFAULT_MEMORY_FRACTION
+            help="A split whose images need more is read memory-mapped from an uncompressed copy beside "
+            "the .npz, in chunks, instead of whole into memory.",
+        ),
         option(cls, "device", help="auto, cpu, cuda, cuda:N or mps."),
         option(cls, "force", is_flag=True, help=force_help),
         option(cls, "quiet", is_flag=True, help="No progress bars."),
         config_option,
+    )
+
+
+def tracking_options(cls: type) -> Callable:
+    """Where training is watched besides result.json: TensorBoard and MLflow, both off by default."""
+    return stack(
+        option(
+            cls,
+            "tensorboard",
+            type=click.Path(file_okay=False),
+            help="Write TensorBoard event files under this folder (a sweep: one run per trial).",
+        ),
+        option(
+            cls,
+            "mlflow",
+            is_flag=False,
+            flag_value="",
+            help="Log to MLflow at this tracking URI (alone: MLflow's default, $MLFLOW_TRACKING_URI or "
+            "./mlruns); a sweep logs each trial as its own run.",
+        ),
     )
 
 
@@ -279,9 +307,12 @@ def student_options(cls: type, grid: bool) -> Callable:
             help="Teacher cache from `medkd cache-teacher`; repeat it for several teachers.",
         ),
         option(
-            cls, "dataset", help="MedMNIST flag, for the supervised baseline (--alpha 1) without a cache."
+            cls,
+            "dataset",
+            help="MedMNIST flag or a MedMNIST-format .npz (`medkd import`), for the supervised baseline "
+            "(--alpha 1) without a cache; a cache knows its own.",
         ),
-        option(cls, "size", type=int, help="MedMNIST image size (with --dataset)."),
+        option(cls, "size", type=int, shown=SIZE_SHOWN, help="MedMNIST image size (with a --dataset flag)."),
         *knobs,
         option(cls, "student", help=f"{', '.join(STUDENTS)}, or timm:<any timm model id>."),
         option(cls, "student_size", type=int, help="Student input size [default: the data's size]."),
@@ -329,10 +360,11 @@ def student_options(cls: type, grid: bool) -> Callable:
 @data_dir_option
 @click.option("--verify", is_flag=True, help="Check the MD5 of each local file against medmnist.INFO.")
 def datasets(data_dir: str | None, verify: bool) -> None:
-    """List the 2D MedMNIST datasets: task, classes, split sizes, and which sizes are here."""
+    """List the 2D MedMNIST datasets (task, classes, split sizes, which sizes are here) and the custom
+    .npz files in the data folder."""
     from rich.table import Table
 
-    from medkd.data import data_root, dataset_info, flags_2d, local_status
+    from medkd.datasets import custom_files, data_root, dataset_info, flags_2d, local_status
 
     table = Table(title=f"MedMNIST v2 (2D) — local folder {data_root(data_dir)}")
     for column in ("flag", "task", "classes", "train", "val", "test", "local sizes"):
@@ -346,6 +378,60 @@ def datasets(data_dir: str | None, verify: bool) -> None:
             flag, info["task"], str(len(info["label"])), str(n["train"]), str(n["val"]), str(n["test"]), local
         )
     Console().print(table)
+    custom = custom_files(data_dir)
+    if custom:
+        table = Table(title="Custom datasets (--dataset PATH.npz)")
+        for column in ("file", "task", "classes", "train", "val", "test", "size", "facts"):
+            table.add_column(column, justify="left" if column in ("file", "task", "facts") else "right")
+        for path in custom:
+            table.add_row(*_custom_row(path))
+        Console().print(table)
+
+
+def _custom_row(path: Any) -> list[str]:
+    """A custom file's row of `medkd datasets`; one that cannot be read says why instead of failing."""
+    from medkd.datasets import custom_info, dataset_size, facts_path
+
+    try:
+        info = custom_info(path)
+        n = info.get("n_samples") or {}
+        counts = [str(n.get(split, "?")) for split in SPLITS]
+        size = str(info.get("size") or dataset_size(str(path)))
+        facts = facts_path(path).name if facts_path(path).is_file() else "inferred"
+        return [path.name, info["task"], str(len(info["label"])), *counts, size, facts]
+    except MedkdError as err:
+        return [path.name, "-", "-", "-", "-", "-", "-", " ".join(str(err).split())[:80]]
+
+
+@main.command("import")
+@click.argument("source", type=click.Path())
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The dataset to write: NAME.npz.")
+@click.option("--size", type=int, default=28, show_default=True, help="Square image size (PIL bicubic).")
+@click.option(
+    "--split",
+    default="0.7,0.1,0.2",
+    show_default=True,
+    help="train,val,test ratios for the splits SOURCE does not give (stratified by label).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the stratified split.")
+@click.option(
+    "--task",
+    type=click.Choice(TASKS),
+    help="Override the inferred task (2 classes: binary-class, more: multi-class, label sets: multi-label).",
+)
+@click.option("--channels", type=click.Choice(["auto", "1", "3"]), default="auto", show_default=True,
+              help="auto: 3 when any image is in colour, else 1.")  # fmt: skip
+@click.option("--force", is_flag=True, help="Replace an existing NAME.npz (and NAME.json).")
+def import_cmd(
+    source: str, out: str, size: int, split: str, seed: int, task: str | None, channels: str, force: bool
+) -> None:
+    """Turn an image folder (class subfolders, optionally under train/ val/ test/) or a CSV/TSV of
+    path,label[,split] into a MedMNIST-format NAME.npz with NAME.json beside it."""
+    from medkd.importing import import_dataset
+
+    imported = import_dataset(source, out, size, split, seed, task, channels, force)
+    console.print(imported.summary(), soft_wrap=True)
+    click.echo(str(imported.path))
 
 
 @main.command()
@@ -374,8 +460,8 @@ C = CacheTeacherConfig
 
 
 @main.command("cache-teacher")
-@option(C, "dataset", help="MedMNIST flag, e.g. breastmnist.")
-@option(C, "size", type=int, help="MedMNIST image size of the data file.")
+@option(C, "dataset", help="MedMNIST flag (e.g. breastmnist) or a MedMNIST-format .npz (`medkd import`).")
+@option(C, "size", type=int, shown=SIZE_SHOWN, help="MedMNIST image size of the data file.")
 @click.option(
     "--teacher",
     multiple=True,
@@ -431,6 +517,7 @@ def inspect_cmd(cache: str) -> None:
 )
 @loop_options(DistillConfig)
 @optimizer_options(DistillConfig)
+@tracking_options(DistillConfig)
 @run_options(DistillConfig)
 @click.pass_context
 def distill(ctx: click.Context, **_: Any) -> None:
@@ -451,6 +538,7 @@ L = LaunchConfig
 @option(
     SweepConfig, "out", help="Sweep folder, one run folder per trial [default: runs/sweep_<cache>_<student>]."
 )
+@tracking_options(SweepConfig)
 @run_options(SweepConfig, force_help="Retrain trials whose folder holds a run of another config.")
 @option(
     L,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medkd.datasets import dataset_name, dataset_size, is_custom, locate_dataset
 from medkd.errors import MedkdError
 from medkd.registry import (
     AUGMENTS,
@@ -39,7 +40,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 # Options that steer where and how a run reports, not what it computes: left out of the config hash.
-RUN_OPTIONS = ("out", "force", "quiet", "data_dir", "device", "resume", "download")
+RUN_OPTIONS = (
+    "out", "force", "quiet", "data_dir", "device", "resume", "download",
+    "max_memory_gb", "tensorboard", "mlflow",
+)  # fmt: skip
 # Distill options added after runs existed, with the value those runs implied: at that value they stay
 # out of the config hash, so a finished run keeps its hash (sweeps skip it, --resume finds it).
 ADDED_DEFAULTS = {
@@ -60,7 +64,24 @@ def _check(ok: bool, message: str) -> None:
         raise MedkdError(message)
 
 
+def _resolve_data(cfg: Any) -> None:
+    """A custom dataset as its absolute path (what caches and runs record), and `size` left as None as the
+    data's own: a custom file's image size, else MedMNIST's 28 px."""
+    dataset = cfg.dataset
+    if dataset is not None and is_custom(dataset):
+        object.__setattr__(cfg, "dataset", locate_dataset(dataset, cfg.data_dir))
+        if cfg.size is None:
+            object.__setattr__(cfg, "size", dataset_size(cfg.dataset))
+    elif cfg.size is None:
+        object.__setattr__(cfg, "size", 28)
+    _check(
+        cfg.max_memory_gb is None or cfg.max_memory_gb > 0,
+        f"--max-memory-gb must be > 0 GB, got {cfg.max_memory_gb}",
+    )
+
+
 def _check_common(cfg: Any) -> None:
+    _resolve_data(cfg)
     _check(cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}")
     _check(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
     _check(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
@@ -119,7 +140,7 @@ class CacheTeacherConfig:
     """Stage one: run a frozen teacher once over a dataset, train its linear head, write the cache."""
 
     dataset: str
-    size: int = 28
+    size: int | None = None  # None: the data's own (a custom file's size, else 28)
     teacher: str = "dinov2_vitb14"
     weights: str | None = None
     teacher_size: int | None = None  # None: the teacher's own default input size (its registry spec)
@@ -139,6 +160,7 @@ class CacheTeacherConfig:
     out: str | None = None
     data_dir: str | None = None
     download: bool = False
+    max_memory_gb: float | None = None  # a split above it is read memory-mapped (None: mapped.memory_budget)
     device: str = "auto"
     seed: int = 0
     force: bool = False
@@ -200,7 +222,7 @@ class CacheTeacherConfig:
         else:
             name = path_safe(self.teacher)
         views = f"_{self.augment}-v{self.views}" if self.has_views else ""
-        return Path("cache") / f"{self.dataset}_{self.size}_{name}{views}.h5"
+        return Path("cache") / f"{dataset_name(self.dataset)}_{self.size}_{name}{views}.h5"
 
 
 @dataclass(frozen=True)
@@ -212,7 +234,7 @@ class DistillConfig:
 
     cache: str | tuple[str, ...] | None = None
     dataset: str | None = None
-    size: int = 28
+    size: int | None = None  # None: the data's own (a custom file's size, else 28)
     alpha: float = 0.2
     temperature: float = 2.0
     student: str = "resnet50"
@@ -238,6 +260,9 @@ class DistillConfig:
     out: str | None = None
     data_dir: str | None = None
     download: bool = False
+    max_memory_gb: float | None = None
+    tensorboard: str | None = None  # a folder for TensorBoard event files (None: off)
+    mlflow: str | None = None  # an MLflow tracking URI ("": MLflow's default; None: off)
     device: str = "auto"
     seed: int = 0
     force: bool = False
@@ -443,7 +468,7 @@ class SweepConfig:
 
     cache: str | tuple[str, ...] | None = None
     dataset: str | None = None
-    size: int = 28
+    size: int | None = None
     alpha: tuple[float, ...] | None = None
     temperature: tuple[float, ...] | None = None
     pairs: tuple[tuple[float, float], ...] | None = None
@@ -469,12 +494,16 @@ class SweepConfig:
     out: str | None = None
     data_dir: str | None = None
     download: bool = False
+    max_memory_gb: float | None = None
+    tensorboard: str | None = None
+    mlflow: str | None = None
     device: str = "auto"
     force: bool = False
     quiet: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cache", _as_caches(self.cache))
+        _resolve_data(self)
         if self.pairs is not None and (self.alpha is not None or self.temperature is not None):
             raise MedkdError(
                 "give either pairs (a list of [temperature, alpha]) or the alpha × temperature grid, not both"
@@ -520,7 +549,7 @@ class SweepConfig:
         if self.out:
             return Path(self.out)
         caches = cache_paths(self.cache)
-        source = Path(caches[0]).stem if caches else f"{self.dataset}_{self.size}"
+        source = Path(caches[0]).stem if caches else f"{dataset_name(self.dataset)}_{self.size}"
         source += f"+{len(caches) - 1}" if len(caches) > 1 else ""
         return Path("runs") / f"sweep_{source}_{path_safe(self.student)}"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,41 +17,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# Dataset facts live in medkd.datasets (torch-free); these names stay importable from here.
+from medkd.datasets import (  # noqa: F401
+    MULTILABEL,
+    SPLITS,
+    TASKS,
+    check_size,
+    data_root,
+    dataset_info,
+    dataset_name,
+    dataset_sha256,
+    flags_2d,
+    is_custom,
+    local_status,
+    locate_dataset,
+    npz_name,
+    sizes_offered,
+)
 from medkd.errors import MedkdError
-from medkd.files import file_md5
+from medkd.mapped import mapped_copy, member_shapes, memory_budget, release, sha256_rows
 from medkd.views import apply_views
 
-SPLITS = ("train", "val", "test")
-MULTILABEL = "multi-label, binary-class"
-TASKS = ("multi-class", "binary-class", "ordinal-regression", MULTILABEL)
+MAPPED_RELEASE_BATCHES = 256  # batches between letting a mapped split's read pages go
+HASH_ROWS = 4096  # images a mapped split is hashed (and its pages let go) by: a few hundred MB at 224 px
 # MedMNIST's own training scripts normalise with mean 0.5, std 0.5 on every channel.
 MEDMNIST_MEAN = (0.5, 0.5, 0.5)
 MEDMNIST_STD = (0.5, 0.5, 0.5)
-
-
-def _info() -> dict:
-    # medmnist's import creates ~/.medmnist; import it only when dataset facts are needed.
-    from medmnist import INFO
-
-    return INFO
-
-
-def flags_2d() -> list[str]:
-    """The 2D MedMNIST flags (the 3D volumes are out of scope)."""
-    return [flag for flag in _info() if not flag.endswith("3d")]
-
-
-def dataset_info(flag: str) -> dict:
-    """`medmnist.INFO[flag]`, or a one-line error listing the valid 2D flags."""
-    if flag not in flags_2d():
-        raise MedkdError(f"unknown dataset flag '{flag}'; valid: {', '.join(flags_2d())}")
-    return _info()[flag]
-
-
-def sizes_offered(flag: str) -> list[int]:
-    """Image sizes MedMNIST(+) publishes for `flag`: 28 and every `url_<size>` in INFO."""
-    info = dataset_info(flag)
-    return [28] + sorted(int(k.split("_")[1]) for k in info if k.startswith("url_"))
 
 
 def is_multilabel(task: str) -> bool:
@@ -64,33 +56,11 @@ def num_outputs(task: str, n_labels: int) -> int:
     return max(n_labels, 2)
 
 
-def data_root(root: str | os.PathLike | None = None) -> Path:
-    """Where .npz files live: `root`, else `$MEDKD_DATA`, else medmnist's default root."""
-    if root is not None:
-        return Path(root).expanduser()
-    if os.environ.get("MEDKD_DATA"):
-        return Path(os.environ["MEDKD_DATA"]).expanduser()
-    from medmnist.info import DEFAULT_ROOT
-
-    return Path(DEFAULT_ROOT)
-
-
-def npz_name(flag: str, size: int) -> str:
-    """The official file name: `breastmnist.npz` at 28 px, `breastmnist_64.npz` otherwise."""
-    return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
-
-
-def _check_size(flag: str, size: int) -> None:
-    offered = sizes_offered(flag)
-    if size not in offered:
-        raise MedkdError(f"size {size} is not offered for '{flag}'; valid: {', '.join(map(str, offered))}")
-
-
 def download_npz(flag: str, size: int = 28, root: str | os.PathLike | None = None) -> Path:
     """Fetch the official file with medmnist's own downloader (URL and MD5 from INFO)."""
     import medmnist
 
-    _check_size(flag, size)
+    check_size(flag, size)
     folder = data_root(root)
     folder.mkdir(parents=True, exist_ok=True)
     cls = getattr(medmnist, dataset_info(flag)["python_class"])
@@ -104,26 +74,69 @@ def download_npz(flag: str, size: int = 28, root: str | os.PathLike | None = Non
     return folder / npz_name(flag, size)
 
 
-def load_arrays(
-    flag: str, size: int = 28, root: str | os.PathLike | None = None, download: bool = False
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """All three splits of one file as `{split: (images uint8, labels int64 [N, L])}`, checked."""
-    dataset_info(flag)
-    _check_size(flag, size)
-    path = data_root(root) / npz_name(flag, size)
+def dataset_file(
+    dataset: str, size: int | None = None, root: str | os.PathLike | None = None, download: bool = False
+) -> Path:
+    """The .npz a dataset is read from: the official file of a flag in `root` (fetched with `download`), or
+    the custom file itself (`size`, when given, must be its images' size)."""
+    if is_custom(dataset):
+        path = Path(locate_dataset(dataset, root))
+        if not path.is_file():
+            raise MedkdError(
+                f"dataset {path} not found; make it with `medkd import SOURCE --out {path.name}`, or give "
+                f"the path to an existing MedMNIST-format .npz"
+            )
+        return path
+    size = 28 if size is None else size
+    dataset_info(dataset)
+    check_size(dataset, size)
+    path = data_root(root) / npz_name(dataset, size)
     if not path.is_file():
         if not download:
             raise MedkdError(
                 f"{path.name} not found in {path.parent}; pass --data-dir DIR (or set $MEDKD_DATA) "
                 f"to the folder that holds it, or --download to fetch it"
             )
-        download_npz(flag, size, root)
+        download_npz(dataset, size, root)
+    return path
+
+
+def load_arrays(
+    dataset: str,
+    size: int | None = None,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    max_memory_gb: float | None = None,
+    device: str = "cpu",
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """All three splits of one file as `{split: (images uint8, labels int64 [N, L])}`, checked.
+
+    A split's images larger than the memory budget (`mapped.memory_budget`) come back as a read-only
+    `np.memmap` of an uncompressed copy beside the file (made on first use) instead of in RAM.
+    """
+    path = dataset_file(dataset, size, root, download)
+    info = dataset_info(str(path) if is_custom(dataset) else dataset)
+    shapes = member_shapes(path)
+    if is_custom(dataset):  # a custom file has one size, its own
+        own = int(shapes["train_images"][0][1]) if len(shapes.get("train_images", ((),))[0]) >= 3 else None
+        if size is not None and own is not None and size != own:
+            raise MedkdError(
+                f"{path} holds {own} px images, not {size} px: drop --size (or pass --size {own})"
+            )
+        size = own if size is None else size
+    size = 28 if size is None else size
+    budget = memory_budget(max_memory_gb, device)
     try:
         with np.load(path) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+            arrays = {}
+            for key in npz.files:
+                shape, dtype = shapes[key]
+                big = key.endswith("_images") and int(np.prod(shape)) * dtype.itemsize > budget
+                arrays[key] = mapped_copy(path, key) if big else npz[key]
+    except MedkdError:
+        raise
     except Exception as err:
         raise MedkdError(f"{path} is not a readable .npz file ({err})") from err
-    info = dataset_info(flag)
     return {split: _check_split(path, arrays, split, size, info) for split in SPLITS}
 
 
@@ -141,7 +154,7 @@ def _check_split(
     if images.dtype != np.uint8 or images.shape[1:] != expected:
         raise MedkdError(
             f"{path}: {split}_images is {images.dtype} {tuple(images.shape)}; expected uint8 (N, "
-            f"{', '.join(map(str, expected))}) for {info['n_channels']}-channel {path.stem.split('_')[0]}"
+            f"{', '.join(map(str, expected))}) for {info['n_channels']}-channel {_name(path, info)}"
         )
     n_classes = len(info["label"])
     columns, top = (n_classes, 1) if is_multilabel(info["task"]) else (1, n_classes - 1)
@@ -158,7 +171,13 @@ def _check_split(
             f"{path}: {split}_labels must be integers in [0, {top}]; found {labels.dtype} values "
             f"in [{labels.min()}, {labels.max()}]"
         )
-    return np.ascontiguousarray(images), labels.astype(np.int64)
+    if not isinstance(images, np.memmap):
+        images = np.ascontiguousarray(images)
+    return images, labels.astype(np.int64)
+
+
+def _name(path: Path, info: dict) -> str:
+    return path.stem.split("_")[0] if info.get("python_class") else f"{path.name} ({info['task']})"
 
 
 def load_medmnist(
@@ -177,26 +196,14 @@ def load_medmnist(
 def data_sha256(images: np.ndarray, labels: np.ndarray) -> str:
     """Fingerprint of one split: sha256 of the image bytes (uint8) then the labels as int64."""
     digest = hashlib.sha256()
-    # hashlib reads a C-contiguous array's buffer as it is: `.tobytes()` would copy every image first,
-    # and that copy set distill's peak memory (two bytes of RSS per image byte instead of one).
-    digest.update(np.ascontiguousarray(images, dtype=np.uint8))
+    if isinstance(images, np.memmap):  # a big split: hashed chunk by chunk, its pages let go as it goes
+        sha256_rows(digest, images, HASH_ROWS)
+    else:
+        # hashlib reads a C-contiguous array's buffer as it is: `.tobytes()` would copy every image first,
+        # and that copy set distill's peak memory (two bytes of RSS per image byte instead of one).
+        digest.update(np.ascontiguousarray(images, dtype=np.uint8))
     digest.update(np.ascontiguousarray(labels, dtype=np.int64))
     return digest.hexdigest()
-
-
-def local_status(flag: str, root: str | os.PathLike | None = None, verify: bool = False) -> dict[int, str]:
-    """For each size offered, whether its file is present in `root` ("present", "md5 ok", "MD5 MISMATCH")."""
-    folder, info, status = data_root(root), dataset_info(flag), {}
-    for size in sizes_offered(flag):
-        path = folder / npz_name(flag, size)
-        if not path.is_file():
-            continue
-        if not verify:
-            status[size] = "present"
-            continue
-        expected = info["MD5"] if size == 28 else info[f"MD5_{size}"]
-        status[size] = "md5 ok" if file_md5(path) == expected else "MD5 MISMATCH"
-    return status
 
 
 # ---------------------------------------------------------------- device-resident splits
@@ -246,12 +253,23 @@ def prepare_images(x: torch.Tensor, view: View, params: torch.Tensor | None = No
 
 
 class DeviceSplit:
-    """One split held as a single uint8 tensor on the training device; batches are index gathers."""
+    """One split held as a single uint8 tensor on the training device; batches are index gathers.
+
+    A memory-mapped split (bigger than the memory budget, `load_arrays`) stays on disk instead: each batch
+    is gathered from the mapping on the host and sent to the device, and the pages read are let go every
+    `MAPPED_RELEASE_BATCHES` batches, so the split never sits in RAM or device memory whole.
+    """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, task: str, device: torch.device | str):
         self.task = task
         self.device = torch.device(device)
-        self.images = torch.from_numpy(images).to(self.device)  # (N, H, W[, 3]) uint8
+        self.mapped = images if isinstance(images, np.memmap) else None
+        if self.mapped is not None:
+            with warnings.catch_warnings():  # read-only by design: batches are gathered (copied) from it
+                warnings.simplefilter("ignore", UserWarning)
+                self.images = torch.from_numpy(images)  # (N, H, W[, 3]) uint8, on disk
+        else:
+            self.images = torch.from_numpy(images).to(self.device)  # (N, H, W[, 3]) uint8
         self.labels = torch.from_numpy(labels).to(self.device)  # (N, L) int64
         # Targets in the shape the loss wants, computed once: (N,) class ids or (N, L) floats.
         self.targets = self.labels.float() if is_multilabel(task) else self.labels[:, 0]
@@ -272,10 +290,20 @@ class DeviceSplit:
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         order = order.to(self.device)
-        for start in range(0, n, batch_size):
+        for step, start in enumerate(range(0, n, batch_size)):
             idx = order[start : start + batch_size]
             params = views(idx) if views is not None else None  # (B, P) or None
-            yield Batch(idx, prepare_images(self.images[idx], view, params), self.targets[idx])
+            yield Batch(idx, prepare_images(self.gather(idx), view, params), self.targets[idx])
+            if self.mapped is not None and step % MAPPED_RELEASE_BATCHES == MAPPED_RELEASE_BATCHES - 1:
+                release(self.mapped)
+        if self.mapped is not None:
+            release(self.mapped)
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """The uint8 images at `idx`, on the device."""
+        if self.mapped is None:
+            return self.images[idx]
+        return self.images[idx.cpu()].to(self.device, non_blocking=True)
 
 
 # ---------------------------------------------------------------- synthetic MedMNIST-format data

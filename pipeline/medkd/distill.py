@@ -21,12 +21,14 @@ from torch import nn
 from medkd.cache import TeacherCache, data_difference, joint_fingerprint
 from medkd.config import DistillConfig, cache_paths, path_safe, short_number, to_dict
 from medkd.data import SPLITS, DeviceSplit, View, data_sha256, dataset_info, load_arrays, num_outputs
+from medkd.datasets import dataset_name, dataset_sha256, is_custom, locate_dataset, same_dataset
 from medkd.errors import MedkdError
 from medkd.metrics import BestEpoch
 from medkd.runs import (
     CHECKPOINT,
     EPOCH_CHECKPOINT,
     RESULT,
+    SWEEP,
     RunResult,
     config_hash,
     legacy_config_hash,
@@ -40,6 +42,7 @@ from medkd.runs import (
     write_result,
 )
 from medkd.students import FeatureTap, build_student
+from medkd.tracking import Trackers, check_trackers, open_trackers
 from medkd.train import (
     Augmentation,
     FeatureDistillation,
@@ -71,6 +74,7 @@ class Inputs:
     data_sha256: dict[str, str]
     caches: list[TeacherCache] = field(default_factory=list)
     given: list[str] = field(default_factory=list)
+    dataset_sha256: str | None = None  # a custom file's sha256 (None for a flag)
 
     def fingerprint(self) -> str | tuple[str, ...] | None:
         """What the config hash counts of the caches (`joint_fingerprint`)."""
@@ -154,7 +158,7 @@ def run_name(cfg: DistillConfig, dataset: str, size: int, teacher: str | None, v
     knobs = f"a{short_number(cfg.alpha)}_t{short_number(cfg.temperature)}_s{cfg.seed}"
     knobs += f"_{views}" if views else ""
     knobs += f"_fw{short_number(cfg.feature_weight)}" if cfg.feature_weight else ""
-    return f"{dataset}_{size}_{path_safe(cfg.student)}-{student_size}_{source}_{knobs}"
+    return f"{dataset_name(dataset)}_{size}_{path_safe(cfg.student)}-{student_size}_{source}_{knobs}"
 
 
 def training_sources(
@@ -254,26 +258,18 @@ def distill(
     config = to_dict(cfg)
     fingerprint = inputs.fingerprint()
     chash = config_hash(config, fingerprint)
-    if cfg.resume and (run_dir / RESULT).exists():
-        done = read_result(run_dir)
-        if same_experiment(done, chash):
-            console.print(f"{run_dir} already holds this finished run; nothing to resume", soft_wrap=True)
-            return done
+    done = finished_run(cfg, run_dir, chash, console)
+    if done is not None:
+        return done
 
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     student_size = cfg.student_size or inputs.size
-    model = build_student(cfg.student, inputs.n_outputs, student_size, cfg.student_weights).to(device)
-    helpers = TrainingHelpers.create(cfg, sources, len(caches), model, device)
-    # One optimizer for the student and what trains beside it (best.pt holds the student alone).
-    trained = nn.ModuleList([model, *helpers.modules()])
-    loop = LoopState.create(
-        trained, cfg.lr, cfg.epochs, cfg.milestones, cfg.seed, optimizer=cfg.optimizer,
-        weight_decay=cfg.weight_decay, schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
-    )  # fmt: skip
+    model, helpers, loop = build_training(cfg, inputs, sources, student_size, device)
     checkpoint = read_epoch_checkpoint(run_dir, chash, config, fingerprint) if cfg.resume else None
     if cfg.resume and checkpoint is None:
         console.print(f"no epoch checkpoint in {run_dir}: starting at epoch 1", soft_wrap=True)
+    check_trackers(cfg.tensorboard, cfg.mlflow)
     prepare_run_dir(run_dir, cfg.force)  # last check before work: nothing is written on bad input
     run = RunSoFar()
     if checkpoint is not None:
@@ -289,11 +285,15 @@ def distill(
     teacher_logits = sources.logits.to(device) if sources.logits is not None else None
     checkpointing = {"config": config, "config_hash": chash, **helpers.state_dict()}
     extras = {"augmentation": sources.augmentation_on(device), **vars(helpers)}
-    train_run(cfg, model, loop, splits, view, teacher_logits, run, run_dir, checkpointing, console, extras)
-
-    model.load_state_dict(run.best_state)
-    val_metrics, _ = evaluate_model(model, splits["val"], view)
-    test_metrics, test_scores = evaluate_model(model, splits["test"], view)
+    with run_trackers(cfg, run_dir, config) as trackers:
+        train_run(
+            cfg, model, loop, splits, view, teacher_logits, run, run_dir, checkpointing, console, extras,
+            trackers,
+        )  # fmt: skip
+        model.load_state_dict(run.best_state)
+        val_metrics, _ = evaluate_model(model, splits["val"], view)
+        test_metrics, test_scores = evaluate_model(model, splits["test"], view)
+        trackers.log_final(test_metrics, val_metrics, {"best_epoch": run.best.epoch})
     write_predictions(run_dir, inputs.arrays["test"][1], test_scores, inputs.task)
     train_seconds = sum(h["seconds"] for h in run.history)
     result = RunResult(
@@ -311,6 +311,7 @@ def distill(
         augment=sources.describe(),
         **inputs.teacher_fields(cfg.teacher_weighting),
         data_sha256=inputs.data_sha256,
+        dataset_sha256=inputs.dataset_sha256,
         history=run.history,
         epochs_run=len(run.history),
         best_epoch=run.best.epoch,
@@ -326,6 +327,38 @@ def distill(
         f"ACC {val_metrics['acc']:.4f}; test AUC {test_metrics['auc']:.4f} ACC {test_metrics['acc']:.4f}"
     )
     return result
+
+
+def build_training(
+    cfg: DistillConfig, inputs: Inputs, sources: Sources, student_size: int, device: torch.device
+) -> tuple[nn.Module, TrainingHelpers, LoopState]:
+    """The student, what trains beside it, and one optimizer and schedule for both (best.pt holds the
+    student alone)."""
+    model = build_student(cfg.student, inputs.n_outputs, student_size, cfg.student_weights).to(device)
+    helpers = TrainingHelpers.create(cfg, sources, len(inputs.caches), model, device)
+    trained = nn.ModuleList([model, *helpers.modules()])
+    loop = LoopState.create(
+        trained, cfg.lr, cfg.epochs, cfg.milestones, cfg.seed, optimizer=cfg.optimizer,
+        weight_decay=cfg.weight_decay, schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
+    )  # fmt: skip
+    return model, helpers, loop
+
+
+def finished_run(cfg: DistillConfig, run_dir: Path, chash: str, console: Console) -> RunResult | None:
+    """With --resume, the run folder's result when it already holds this very run (nothing to do)."""
+    if cfg.resume and (run_dir / RESULT).exists():
+        done = read_result(run_dir)
+        if same_experiment(done, chash):
+            console.print(f"{run_dir} already holds this finished run; nothing to resume", soft_wrap=True)
+            return done
+    return None
+
+
+def run_trackers(cfg: DistillConfig, run_dir: Path, config: dict[str, Any]) -> Trackers:
+    """The run's --tensorboard / --mlflow trackers; a run inside a sweep's folder is logged as a trial of
+    that sweep (its own run, grouped under the sweep's name)."""
+    group = run_dir.parent.name if (run_dir.parent / SWEEP).is_file() else None
+    return open_trackers(cfg.tensorboard, cfg.mlflow, run_dir.name, config, group)
 
 
 @dataclass
@@ -396,17 +429,16 @@ def load_inputs(cfg: DistillConfig, cache: TeacherCache | list[TeacherCache] | N
                 f"multi-teacher run needs caches of one dataset, size and split"
             )
     first, where = (caches[0], given[0]) if caches else (None, None)
-    dataset = first.attrs["dataset"] if first else cfg.dataset
+    dataset = _cache_dataset(cfg, first, where) if first else cfg.dataset
     size = int(first.attrs["image_size"]) if first else cfg.size
-    if first and cfg.dataset and cfg.dataset != dataset:
-        raise MedkdError(f"--dataset {cfg.dataset} does not match the cache {where}, built from {dataset}")
     if first and cfg.dataset and cfg.size != size:
         raise MedkdError(
             f"--size {cfg.size} does not match the cache {where}, built from {dataset} at {size} px; "
             f"pass --size {size} or a cache of {cfg.size} px"
         )
     info = dataset_info(dataset)
-    arrays = load_arrays(dataset, size, cfg.data_dir, cfg.download)
+    device = resolve_device(cfg.device).type
+    arrays = load_arrays(dataset, size, cfg.data_dir, cfg.download, cfg.max_memory_gb, device)
     if first:
         first.check_data(dataset, size, arrays)  # hashes every split: the caches' hashes are now the data's
         shas = {s: first.split_attrs[s]["data_sha256"] for s in SPLITS}
@@ -420,7 +452,32 @@ def load_inputs(cfg: DistillConfig, cache: TeacherCache | list[TeacherCache] | N
             )
     order = sorted(range(len(caches)), key=lambda i: caches[i].fingerprint)
     caches, given = [caches[i] for i in order], [given[i] for i in order]
-    return Inputs(dataset, size, info["task"], n_out, arrays, shas, caches, given)
+    return Inputs(dataset, size, info["task"], n_out, arrays, shas, caches, given, dataset_sha256(dataset))
+
+
+def _cache_dataset(cfg: DistillConfig, cache: TeacherCache, where: str) -> str:
+    """The dataset a cache was built from, as this run reads it: `--dataset` when given (it must be the
+    same data), else the cache's own record; a custom file must be there and unchanged."""
+    recorded = cache.attrs["dataset"]
+    if cfg.dataset and not same_dataset(cfg.dataset, recorded):
+        raise MedkdError(f"--dataset {cfg.dataset} does not match the cache {where}, built from {recorded}")
+    dataset = cfg.dataset or recorded
+    if not is_custom(dataset):
+        return dataset
+    path = Path(locate_dataset(dataset, cfg.data_dir))
+    if not path.is_file():
+        raise MedkdError(
+            f"cache {where} was built from {recorded}, which is not there now; pass --dataset PATH to where "
+            f"the file is"
+        )
+    then, now = cache.attrs.get("dataset_sha256"), dataset_sha256(str(path))
+    if then and then != now:
+        raise MedkdError(
+            f"{path} changed since the cache {where} was built from it (file sha256 {then[:12]}… then, "
+            f"{now[:12]}… now): rebuild the cache with `medkd cache-teacher --dataset {path} --force`, or "
+            f"restore the file"
+        )
+    return str(path)
 
 
 def train_run(
@@ -435,11 +492,13 @@ def train_run(
     checkpointing: dict[str, Any],
     console: Console,
     extras: dict[str, Any] | None = None,
+    trackers: Trackers | None = None,
 ) -> None:
     """The epochs, with a progress bar: `best.pt` at each new best, `last.pt` now and then, early stop.
 
-    `extras` are `train_epochs`' augmentation, feature_kd and weighting."""
+    `extras` are `train_epochs`' augmentation, feature_kd and weighting; `trackers` see every epoch."""
     extras = extras or {}
+    trackers = trackers or Trackers()
     steps_per_epoch = -(-len(splits["train"]) // cfg.batch_size)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"))
     with Progress(
@@ -457,6 +516,7 @@ def train_run(
         try:
             for stats in epochs:
                 run.history.append(vars(stats))
+                trackers.log_epoch(stats)
                 line = (
                     f"epoch {stats.epoch} loss {stats.loss:.4f} val AUC {stats.val_auc:.3f} "
                     f"{stats.images_per_second:.0f} img/s"

@@ -2,8 +2,8 @@
 
 Both take what a deployed model takes (`medkd.deploy`): images at the data's size, [0, 1], gray or RGB as
 the dataset is; the preprocessing is inside the model, so a run folder and its export agree to 1e-6.
-Images come from a MedMNIST-format `.npz` (one split), a folder of PNG/JPEG files (searched
-recursively, sorted), or one image file.
+Images come from a MedMNIST-format `.npz` (one split), a folder of image files (PNG, JPEG, TIFF, BMP,
+DICOM; searched recursively, sorted), or one image file, read by `medkd.image_files`.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from medkd.deploy import (
 )
 from medkd.errors import MedkdError
 from medkd.files import atomic_path
+from medkd.image_files import IMAGE_SUFFIXES, decode_image, resize_square, to_channels
 from medkd.metrics import scores_from_logits
 from medkd.runs import RESULT
 from medkd.trained import load_trained_run
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MULTILABEL_THRESHOLD = 0.5  # a label is predicted when its sigmoid score reaches this
 
 
@@ -114,14 +114,15 @@ class Images:
 
 
 def read_images(source: str | os.PathLike, channels: int, size: int, split: str = "test") -> Images:
-    """The images of an `.npz` split, a folder of PNG/JPEG (recursive, sorted) or one image file."""
+    """The images of an `.npz` split, a folder of image files (recursive, sorted) or one image file."""
     path = Path(source)
     if path.is_file() and path.suffix == ".npz":
         return _read_npz(path, channels, size, split)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise MedkdError(f"{path} holds no {'/'.join(IMAGE_SUFFIXES)} files (searched recursively)")
+            suffixes = "/".join(IMAGE_SUFFIXES)
+            raise MedkdError(f"{path} holds no image files ({suffixes}; searched recursively)")
     elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
         files = [path]
     else:
@@ -160,22 +161,9 @@ def _read_npz(path: Path, channels: int, size: int, split: str) -> Images:
 
 
 def _read_file(path: Path, channels: int, size: int) -> tuple[np.ndarray, int]:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image)
-            if array.dtype == np.uint16 or image.mode.startswith("I"):
-                # 16-bit PNG: the top 8 bits' worth, rounded (65535 → 255), as any 8-bit viewer would.
-                array = np.clip(np.round(array.astype(np.float64) / 257), 0, 255).astype(np.uint8)
-                image = Image.fromarray(array)
-            image = image.convert("L" if channels == 1 else "RGB")
-            resized = image.size != (size, size)
-            if resized:  # MedMNIST's own resizing: PIL bicubic
-                image = image.resize((size, size), Image.Resampling.BICUBIC)
-            return np.asarray(image, dtype=np.uint8), int(resized)
-    except (UnidentifiedImageError, OSError) as err:
-        raise MedkdError(f"cannot read {path} as an image ({err})") from err
+    # The rules of medkd.image_files (16-bit PNGs: round(v / 257); MedMNIST's PIL bicubic resizing).
+    image = to_channels(decode_image(path).array, channels)
+    return resize_square(image, size), int(image.shape[:2] != (size, size))
 
 
 # ---------------------------------------------------------------- the CSV

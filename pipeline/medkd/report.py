@@ -17,6 +17,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from medkd.datasets import dataset_name
 from medkd.errors import MedkdError
 from medkd.plots import plot_ablation
 from medkd.runs import CHECKPOINT, ERROR, PREDICTIONS, RESULT, RUN_MARKERS, RunResult, read_error, read_result
@@ -142,7 +143,7 @@ def _student_row(runs: list[RunResult]) -> dict[str, Any]:
     baseline = first.baseline
     row = {
         "kind": "baseline" if baseline else "kd",
-        "dataset": first.dataset,
+        "dataset": dataset_name(first.dataset),
         "size": first.size,
         "teacher": None if baseline else _teacher_name(first),
         "student": first.student,
@@ -188,7 +189,14 @@ def _teacher_rows(results: list[RunResult]) -> list[dict[str, Any]]:
     rows = []
     for (dataset, size, name, *_), found in caches.items():
         row = dict.fromkeys(CSV_FIELDS)
-        row.update(kind="teacher", dataset=dataset, size=size, teacher=name, n_seeds=len(found), seeds=[])
+        row.update(
+            kind="teacher",
+            dataset=dataset_name(dataset),
+            size=size,
+            teacher=name,
+            n_seeds=len(found),
+            seeds=[],
+        )
         row["run_dirs"] = sorted(str(c) for c, *_ in found)
         for metric in ("test_auc", "test_acc"):
             row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([t[metric] for t in found.values()])

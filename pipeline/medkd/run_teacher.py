@@ -20,6 +20,7 @@ from torch import nn
 
 from medkd.config import run_teacher_paths
 from medkd.data import SPLITS
+from medkd.datasets import same_dataset
 from medkd.errors import MedkdError
 from medkd.registry import RUN_PREFIX
 from medkd.students import student_classifier, student_features
@@ -102,7 +103,7 @@ class RunTeacher(Teacher):
     def check_data(self, dataset: str, size: int, n_outputs: int, data_sha256: dict[str, str]) -> None:
         for m in self.members:
             r = m.result
-            if r.dataset != dataset or int(r.size) != int(size):
+            if not same_dataset(r.dataset, dataset) or int(r.size) != int(size):
                 raise MedkdError(
                     f"teacher run {m.path} was trained on {r.dataset} ({r.size} px); the cache is for "
                     f"{dataset} ({size} px): pass --dataset {r.dataset} --size {r.size}, "

@@ -66,6 +66,7 @@ class RunResult:
     teacher_weighting: str | None = None  # how a multi-teacher run weighed them (TEACHER_WEIGHTINGS)
     augment: dict[str, Any] | None = None  # {"preset", "views": K stored views or None (on the fly)}
     data_sha256: dict[str, str] = field(default_factory=dict)
+    dataset_sha256: str | None = None  # the sha256 of a custom dataset's file (None for a MedMNIST flag)
     history: list[dict[str, Any]] = field(default_factory=list)
     epochs_run: int = 0
     best_epoch: int = 0
