@@ -234,7 +234,7 @@ def test_killed_writer_leaves_no_final_file(tmp_path):
         (lambda a: a["head"].update(kind="mlp"), "has a /head of kind 'mlp'; known: linear, attention"),
         (lambda a: a["head"].pop("bias"), "has no /head/weight and /head/bias"),
         (
-            lambda a: a["splits"]["train"].update(fold=np.zeros(N["train"])),
+            lambda a: a["splits"]["train"].update(fold=np.zeros(N["train"], np.int64)),
             "/train/fold but no root attr cross_fit",
         ),
     ],

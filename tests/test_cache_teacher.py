@@ -92,7 +92,8 @@ def test_existing_output_is_refused_before_any_loading(built, monkeypatch):
 
 def test_force_overwrites_and_no_features(synthetic_root, tmp_path):
     out = tmp_path / "pm.h5"
-    out.write_text("old")
+    with h5py.File(out, "w") as f:  # an old medkd cache (a damaged one will do): --force replaces only those
+        f.attrs["medkd_format"] = 1
     cfg = quick_config(synthetic_root, out, dataset="pathmnist", epochs=2, features=False, force=True)
     cache = TeacherCache(cache_teacher(cfg))
     assert cache.attrs["n_classes"] == 9 and cache.logits["test"].shape == (32, 9) and not cache.has_features

@@ -75,7 +75,8 @@ def test_run_folder_is_complete_for_every_task(synthetic_root, caches, tmp_path,
     )
     result = distill(cfg)
     run = tmp_path / "run"
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "predictions.npz", "result.json"]
+    names = sorted(p.name for p in run.iterdir())
+    assert names == [".medkd-run", "best.pt", "predictions.npz", "result.json"]  # the marker: medkd's folder
     saved = json.loads((run / "result.json").read_text())
     assert saved["config"]["alpha"] == alpha and saved["dataset"] == flag
     assert saved["baseline"] is (alpha == 1.0)

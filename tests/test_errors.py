@@ -75,6 +75,14 @@ def scene(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     edited("nan.h5", nan_logits)
     edited("inf.h5", inf_logits)
     (root / "a_file").write_text("a file, not a folder\n")
+    (root / "mine").mkdir()
+    (root / "mine" / "best.pt").write_bytes(b"the user's own checkpoint")
+    (root / "bad.toml").write_text('batch_size = "32"\n')
+
+    def flipped_labels(f: h5py.File) -> None:
+        f["test/labels"][...] = 1 - f["test/labels"][...]
+
+    edited("flipped.h5", flipped_labels)
     result = CliRunner().invoke(main, [*BASELINE, "--data-dir", str(data), "--out", str(root / "runs/done")])
     assert result.exit_code == 0, result.output
     return root
@@ -182,6 +190,41 @@ CASES = [
         [*CACHE_TEACHER, "--data-dir", "data", "--out", "a_file/c.h5"],
         ["cannot create the output folder a_file"],
     ),
+    # Never touch a file medkd did not create, --force or not.
+    (
+        "force-onto-the-data",
+        [*CACHE_TEACHER, "--data-dir", "data", "--out", "data/breastmnist.npz", "--force"],
+        ["data/breastmnist.npz exists and is not a medkd cache", "even with --force"],
+    ),
+    (
+        "run-into-a-users-folder",
+        [*BASELINE, "--data-dir", "data", "--out", "mine", "--force"],
+        ["mine holds files medkd did not write (best.pt); give --out a new or empty folder"],
+    ),
+    (
+        "report-plot-onto-the-data",
+        ["report", "runs", "--plot", "data/breastmnist.npz", "--force"],
+        ["--plot data/breastmnist.npz must end in .png"],
+    ),
+    (
+        "report-plot-onto-a-cache",
+        ["report", "runs", "--plot", "good.h5", "--force"],
+        ["--plot good.h5 must end in .png"],
+    ),
+    # Values of the wrong type or range, and a cache whose labels are not the data's.
+    (
+        "toml-wrong-type",
+        [*BASELINE, "--data-dir", "data", "--config", "bad.toml", "--out", "new"],
+        ["batch_size must be a whole number like 3, got '32' (str)"],
+    ),
+    ("seed-beyond-64-bit", kd("good.h5", "--seed", str(2**64)), ["--seed must be in [0, 2^63)"]),
+    (
+        "device-malformed",
+        kd("good.h5", "--device", "cuda:abc"),
+        ["--device must be auto, cpu, cuda[:N] or mps"],
+    ),
+    ("temperature-huge", kd("good.h5", "--temperature", "1e200"), ["--temperature must be <= 10000"]),
+    ("cache-labels-not-the-data", kd("flipped.h5"), ["holds test labels other than the data's"]),
 ]
 
 
@@ -246,7 +289,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(scene, tmp_path, monk
     assert "\n" not in error and "Traceback" not in result.output
     assert "training loss became nan at epoch 2, step 2 of 3" in error
     assert f"{EPOCH_CHECKPOINT} keeps epoch 1" in error and "best.pt the best (epoch 1)" in error
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", EPOCH_CHECKPOINT]
+    assert sorted(p.name for p in out.iterdir()) == [".medkd-run", "best.pt", EPOCH_CHECKPOINT]
     best = torch.load(out / "best.pt", weights_only=True)
     last = torch.load(out / EPOCH_CHECKPOINT, weights_only=True)
     assert best["epoch"] == 1 and last["loop"]["epoch"] == 1

@@ -210,7 +210,7 @@ def test_refused_temporary_file_says_how_to_fix(tmp_path: Path, monkeypatch: pyt
     def refuse(*args: object, **kwargs: object) -> None:
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
 
-    monkeypatch.setattr(medkd.files.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(medkd.files, "_new_file_beside", refuse)
     with pytest.raises(MedkdError, match=f"into {tmp_path} .*writable folder.*--max-memory-gb") as err:
         mapped_copy(path, "train_images")
     _one_line(err)

@@ -118,8 +118,9 @@ def test_killed_distill_resumes_to_the_uninterrupted_result(cache, synthetic_roo
         assert torch.equal(tensor, res_best["model"][name]), name
     with np.load(ref_dir / "predictions.npz") as a, np.load(run_dir / "predictions.npz") as b:
         assert np.array_equal(a["y_score"], b["y_score"])
-    # The epoch checkpoint and the killed writer's temporary files are gone.
-    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "predictions.npz", "result.json"]
+    # The epoch checkpoint and the killed writer's temporary files are gone; the marker stays.
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert names == [".medkd-run", "best.pt", "predictions.npz", "result.json"]
 
 
 def test_an_interrupted_run_resumes_its_optimizer_and_schedule(cache, synthetic_root, tmp_path, monkeypatch):

@@ -58,9 +58,9 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
         calls["cache_reads"].append(str(path))
         return real_cache(path)
 
-    def training(cfg, console=None, cache=None):
+    def training(cfg, console=None, cache=None, inputs=None):
         calls["trained"].append(Path(cfg.out).name)
-        return real_distill(cfg, console=console, cache=cache)
+        return real_distill(cfg, console=console, cache=cache, inputs=inputs)
 
     monkeypatch.setattr(medkd.cache, "TeacherCache", reading_cache)
     monkeypatch.setattr(medkd.distill, "TeacherCache", reading_cache)
@@ -101,11 +101,11 @@ def test_3x3_sweep_runs_every_trial_and_a_rerun_trains_only_the_killed_ones(
     for name in killed:  # CPU runs repeat exactly: the resumed sweep is the sweep that was killed
         assert json.loads((out / name / "result.json").read_text())["test"] == first[name]["test"]
 
-    # Everything finished: a third run trains nothing and does not even read the cache.
+    # Everything finished: a third run trains nothing; it reads the cache once, to check it and the data.
     counted["trained"].clear()
     counted["cache_reads"].clear()
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0 and counted == {"cache_reads": [], "trained": []}
+    assert result.exit_code == 0 and counted == {"cache_reads": [str(cache)], "trained": []}
 
 
 def test_trial_with_another_config_in_its_folder_is_refused_unless_force(data, tmp_path, no_teacher):
@@ -125,8 +125,8 @@ def test_trial_with_another_config_in_its_folder_is_refused_unless_force(data, t
 
 
 def test_failed_trial_leaves_error_json_that_report_lists(tmp_path, monkeypatch):
-    def failing(cfg, console=None, cache=None):
-        Path(cfg.out).mkdir(parents=True)
+    def failing(cfg, console=None, cache=None, inputs=None):
+        assert Path(cfg.out).is_dir()  # the trial made and claimed its folder
         raise RuntimeError("loss exploded")
 
     monkeypatch.setattr(medkd.trials, "distill", failing)

@@ -16,10 +16,13 @@ filesystem refuses it, set `HDF5_USE_FILE_LOCKING=FALSE`, which HDF5 applies to 
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
 import os
+import re
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -71,6 +74,31 @@ DTYPES = {
     "view_features": np.float16,
 }
 VIEW_DATASETS = ("view_params", "view_logits", "view_features")  # /train only
+INTEGER_DATASETS = ("labels", "fold")  # every other split dataset holds floats
+# The type each root attr must have once read (`_from_attr`): a cache with `image_size = "twentyeight"` is
+# refused when it is opened, not where the value is first used. Numbers are ints or floats, never bools.
+ATTR_TYPES: dict[str, type] = {
+    "medkd_format": int,
+    "image_size": int,
+    "n_classes": int,
+    "teacher_input_size": int,
+    "views": int,
+    "cross_fit": int,
+    "dataset": str,
+    "task": str,
+    "teacher": str,
+    "backbone": str,
+    "weights_sha256": str,
+    "resize": str,
+    "medkd_version": str,
+    "created_utc": str,
+    "torch_version": str,
+    "label_names": dict,
+    "augment": dict,
+    "mean": tuple,
+    "std": tuple,
+}
+TYPE_NAMES = {int: "an integer", str: "a string", dict: "a JSON object", tuple: "an array of numbers"}
 REBUILD = "medkd cache-teacher ... --force"
 MAKE_ONE = "make one with `medkd cache-teacher --dataset FLAG --teacher NAME`"
 
@@ -182,17 +210,68 @@ def write_cache(
     problem = _write_problem(attrs, splits, split_attrs, head, fold_heads or [])
     if problem:
         raise ValueError(f"refusing to write cache {path}: it {problem}")
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        _write_attrs(f, {"medkd_format": FORMAT_VERSION, **attrs})
-        for split in SPLITS:
-            group = f.create_group(split)
-            _write_split(group, splits[split])
-            _write_attrs(group, split_attrs[split])
-        if head is not None:
-            _write_head(f.create_group("head"), head)
-        for k, record in enumerate(fold_heads or []):
-            _write_head(f.create_group(f"heads/{k}"), record)
+    try:
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+            _write_attrs(f, {"medkd_format": FORMAT_VERSION, **attrs})
+            for split in SPLITS:
+                group = f.create_group(split)
+                _write_split(group, splits[split])
+                _write_attrs(group, split_attrs[split])
+            if head is not None:
+                _write_head(f.create_group("head"), head)
+            for k, record in enumerate(fold_heads or []):
+                _write_head(f.create_group(f"heads/{k}"), record)
+    except OSError as err:  # the temporary file is gone already (atomic_path)
+        if not is_disk_full(err):
+            raise
+        needed = sum(
+            np.asarray(a).size * np.dtype(DTYPES[k]).itemsize for s in splits.values() for k, a in s.items()
+        )
+        raise disk_full_error(
+            path,
+            needed,
+            "free space (or pass --out on another disk) and rerun; cache-teacher keeps the "
+            "teacher's outputs in its partial file, so the rerun does not repeat the teacher pass",
+        ) from err
     return path
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """An OSError of a full disk: ENOSPC (h5py passes HDF5's errno on, and names it in the message)."""
+    text = str(err)
+    return isinstance(err, OSError) and (
+        err.errno == errno.ENOSPC or f"errno = {errno.ENOSPC}," in text or "No space left on device" in text
+    )
+
+
+def disk_full_error(path: str | os.PathLike, needed: int | None, fix: str) -> MedkdError:
+    """The one line for a full disk while writing `path`: what the write needed (if known), what is free."""
+    folder = Path(path).resolve().parent
+    try:
+        free = f"{shutil.disk_usage(folder).free:,} bytes are free"
+    except OSError:
+        free = "the free space is unknown"
+    need = f"it needed about {needed:,} bytes and " if needed else ""
+    return MedkdError(f"no space left on the device writing {path}: {need}{free} in {folder}; {fix}")
+
+
+def write_size(err: OSError) -> int | None:
+    """The bytes of the write that failed, when HDF5's message says (`total write size = N`)."""
+    found = re.search(r"total write size = (\d+)", str(err))
+    return int(found.group(1)) if found else None
+
+
+def is_medkd_cache(path: str | os.PathLike) -> bool:
+    """Whether `path` is an HDF5 file whose root attrs include medkd_format: a medkd cache (perhaps one that
+    fails its checks), the only kind of file `cache-teacher --force` replaces."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return "medkd_format" in f.attrs
+    except OSError:  # not HDF5, truncated, unreadable: not ours to replace
+        return False
 
 
 def _write_head(group: h5py.Group, record: dict[str, Any]) -> None:
@@ -215,26 +294,104 @@ def _read_head(group: h5py.Group, load: bool) -> dict[str, Any]:
     return record
 
 
-def _split_problem(split: str, arrays: dict[str, np.ndarray], n: int, n_classes: int) -> str:
-    """What is wrong with one split's arrays ("" if nothing): the rule for writing and reading alike."""
-    logits, labels = arrays["logits"], arrays["labels"]
-    if logits.shape != (n, n_classes) or labels.ndim != 2 or len(labels) != n:
+def _is_number(value: Any, kind: type = int) -> bool:
+    """`value` is an int (or, with `kind` float, an int or a float), and not a bool (an int to Python)."""
+    allowed = (int,) if kind is int else (int, float)
+    return isinstance(value, allowed) and not isinstance(value, bool)
+
+
+def _attrs_problem(attrs: dict[str, Any]) -> str:
+    """What is wrong with the types of the root attrs ("" if nothing); `attrs` as `_from_attr` reads them."""
+    for key, kind in ATTR_TYPES.items():
+        if key not in attrs:
+            continue
+        value = attrs[key]
+        if kind is int:
+            ok = _is_number(value)
+        elif kind is tuple:
+            ok = isinstance(value, tuple) and len(value) > 0 and all(_is_number(v, float) for v in value)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            found = f"{value!r} of the wrong type ({type(value).__name__})"
+            return f"has the root attr {key} {found}; expected {TYPE_NAMES[kind]}"
+        if kind is int and key != "medkd_format" and value < 1:
+            return f"has the root attr {key} {value}; expected a number >= 1"
+    return ""
+
+
+def _split_attrs_problem(split: str, attrs: dict[str, Any]) -> str:
+    """What is wrong with one split's attrs ("" if nothing): an integer n >= 1 and a data_sha256 string."""
+    if not {"n", "data_sha256"} <= set(attrs):
+        return f"lacks the attrs n and data_sha256 of /{split}"
+    n, sha = attrs["n"], attrs["data_sha256"]
+    if not _is_number(n) or not isinstance(sha, str):
         return (
-            f"has /{split} logits {logits.shape} and labels {labels.shape}; expected "
+            f"has the /{split} attrs n {n!r} ({type(n).__name__}) and data_sha256 {sha!r} "
+            f"({type(sha).__name__}); expected an integer and a sha256 hex string"
+        )
+    if n < 1:
+        return f"has an empty /{split} (n = {n}); every split needs at least one image"
+    return ""
+
+
+def _dtype_problem(where: str, name: str, data: Any) -> str:
+    """What is wrong with the dtype of a split dataset ("" if nothing): integer labels and folds, float
+    everything else (float16, 32 or 64; not strings, ints, bools or complex numbers)."""
+    dtype = getattr(data, "dtype", None)
+    integer = name in INTEGER_DATASETS
+    if dtype is None or dtype.kind not in ("iu" if integer else "f"):
+        found = f"dtype {dtype}" if dtype is not None else "no dtype (not a dataset)"
+        return f"has {where} of {found}; expected {'integers' if integer else 'floats'}"
+    return ""
+
+
+def _storage_problem(where: str, data: h5py.Dataset) -> str:
+    """A dataset whose file holds fewer bytes than its shape declares ("" if none): a tiny file claiming
+    (10^12, 2) logits is refused before they are read. Compressed (filtered) datasets are not judged."""
+    if data.nbytes == 0 or data.id.get_create_plist().get_nfilters():
+        return ""
+    stored = data.id.get_storage_size()
+    if stored < data.nbytes:
+        return (
+            f"has {where} of shape {data.shape} with {stored:,} of its {data.nbytes:,} bytes stored "
+            f"(truncated or never written)"
+        )
+    return ""
+
+
+def _finite_problem(where: str, array: np.ndarray) -> str:
+    return "" if np.isfinite(array).all() else f"has NaN or inf in {where}"
+
+
+def _split_problem(split: str, arrays: dict[str, Any], n: int, n_classes: int) -> str:
+    """What is wrong with one split's datasets ("" if nothing) from their dtypes and shapes alone (arrays or
+    h5py datasets: nothing is read), the rule for writing and reading alike."""
+    for name, data in arrays.items():
+        problem = _dtype_problem(f"/{split}/{name}", name, data) if name in DTYPES else ""
+        if problem:
+            return problem
+    logits, labels = arrays["logits"], arrays["labels"]
+    if (
+        tuple(logits.shape) != (n, n_classes)
+        or labels.ndim != 2
+        or labels.shape[0] != n
+        or labels.shape[1] < 1
+    ):
+        return (
+            f"has /{split} logits {tuple(logits.shape)} and labels {tuple(labels.shape)}; expected "
             f"({n}, {n_classes}) and ({n}, L)"
         )
-    if not np.isfinite(logits).all():
-        return f"has NaN or inf in /{split}/logits"
     features = arrays.get("features")
-    if features is not None and (features.ndim != 2 or len(features) != n):
-        return f"has /{split} features {features.shape}; expected ({n}, D)"
+    if features is not None and (features.ndim != 2 or features.shape[0] != n):
+        return f"has /{split} features {tuple(features.shape)}; expected ({n}, D)"
     return ""
 
 
 def _views_problem(attrs: dict[str, Any], train: dict[str, Any], n: int) -> str:
     """What is wrong with the views of a cache ("" if nothing): none stored for the plain view only, else
-    (N, K, ·) view datasets matching the root attrs `views` and `augment`; `train` maps names to arrays or
-    h5py datasets (only their shapes are read, and view_logits' values)."""
+    (N, K, ·) float view datasets matching the root attrs `views` and `augment`; `train` maps names to arrays
+    or h5py datasets (only their dtypes and shapes are read)."""
     k, preset = attrs.get("views", 1), attrs.get("augment", {}).get("preset", "none")
     stored = [name for name in VIEW_DATASETS if name in train]
     if preset == "none" and k == 1:
@@ -249,8 +406,9 @@ def _views_problem(attrs: dict[str, Any], train: dict[str, Any], n: int) -> str:
         if name not in train or tuple(np.shape(train[name])) != shape:
             found = tuple(np.shape(train[name])) if name in train else "none"
             return f"has /train/{name} {found} for {k} {preset} views; expected {shape}"
-    if not np.isfinite(np.asarray(train["view_logits"][()])).all():
-        return "has NaN or inf in /train/view_logits"
+        problem = _dtype_problem(f"/train/{name}", name, train[name])
+        if problem:
+            return problem
     return ""
 
 
@@ -326,17 +484,27 @@ def _write_problem(
     missing = [k for k in ROOT_ATTRS if k != "medkd_format" and k not in attrs]
     if missing:
         return f"lacks the attrs {', '.join(missing)}"
+    # The attrs as a reader will see them: lists come back as tuples, dicts from JSON.
+    problem = _attrs_problem({k: None if v is None else _from_attr(_to_attr(k, v)) for k, v in attrs.items()})
+    if problem:
+        return problem
     if set(splits) != set(SPLITS) or set(split_attrs) != set(SPLITS):
         return f"has splits {sorted(splits)}; expected {', '.join(SPLITS)}"
     for split in SPLITS:
-        if not {"n", "data_sha256"} <= set(split_attrs[split]):
-            return f"lacks the attrs n and data_sha256 of /{split}"
+        given = {k: _from_attr(v) for k, v in split_attrs[split].items()}
         arrays = {k: np.asarray(v) for k, v in splits[split].items()}
-        problem = _split_problem(split, arrays, split_attrs[split]["n"], attrs["n_classes"])
+        problem = _split_attrs_problem(split, given) or _split_problem(
+            split, arrays, given["n"], attrs["n_classes"]
+        )
+        if problem:
+            return problem
+        problem = _finite_problem(f"/{split}/logits", arrays["logits"])
         if problem:
             return problem
     train = splits["train"]
     problem = _views_problem(attrs, train, split_attrs["train"]["n"])
+    if not problem and "view_logits" in train:
+        problem = _finite_problem("/train/view_logits", np.asarray(train["view_logits"]))
     if problem:
         return problem
     width = np.shape(train["features"])[1] if "features" in train else None
@@ -367,56 +535,78 @@ class TeacherCache:
     def _read(self, f: h5py.File) -> None:
         self.attrs = {k: _from_attr(v) for k, v in f.attrs.items()}
         version = self.attrs.get("medkd_format")
+        if version is None:
+            raise MedkdError(
+                f"{self.path} has no root attr medkd_format: it is not a medkd teacher cache; {MAKE_ONE}"
+            )
+        if not _is_number(version):
+            raise MedkdError(
+                f"{self.path} has the root attr medkd_format {version!r} of the wrong type "
+                f"({type(version).__name__}); a cache stores its format as an integer (this medkd reads "
+                f"{', '.join(map(str, READS))}): rebuild it with `{REBUILD}`"
+            )
         if version not in READS:
             raise MedkdError(
                 f"{self.path} has cache format {version}; this medkd reads formats "
                 f"{', '.join(map(str, READS))}: rebuild it with `{REBUILD}`"
             )
         missing = [k for k in ROOT_ATTRS if k not in self.attrs]
-        if missing:
-            raise self._fail(f"lacks the attrs {', '.join(missing)}")
+        problem = f"lacks the attrs {', '.join(missing)}" if missing else _attrs_problem(self.attrs)
+        if problem:
+            raise self._fail(problem)
         self.split_attrs: dict[str, dict[str, Any]] = {}
         self.logits: dict[str, torch.Tensor] = {}
         self.labels: dict[str, np.ndarray] = {}
         self.has_features = True
         for split in SPLITS:
-            if split not in f or not {"logits", "labels"} <= set(f[split]):
-                raise self._fail(f"has no /{split}/logits or /{split}/labels")
-            group = f[split]
-            self.split_attrs[split] = {
-                k: _from_attr(group.attrs[k]) for k in ("n", "data_sha256") if k in group.attrs
-            }
-            if len(self.split_attrs[split]) < 2:
-                raise self._fail(f"lacks the attrs n and data_sha256 of /{split}")
-            logits, labels = group["logits"][()], group["labels"][()]
-            n, c = self.split_attrs[split]["n"], self.attrs["n_classes"]
-            problem = _split_problem(split, {"logits": logits, "labels": labels}, n, c)
-            if problem:
-                raise self._fail(problem)
-            self.logits[split] = torch.from_numpy(logits.astype(np.float32))
-            self.labels[split] = labels.astype(np.int64)
-            self.has_features &= "features" in group
+            self._read_split(f, split)
         self._read_views(f)
-        self.fingerprint = _fingerprint(
-            self.split_attrs, {s: t.numpy() for s, t in self.logits.items()}, self._view_arrays()
-        )
+        logits = {s: t.numpy() for s, t in self.logits.items()}
+        self.fingerprint = _fingerprint(self.split_attrs, logits, self._view_arrays(), self.labels)
+        # The fingerprint before it counted the labels: the config hashes of runs made before medkd 0.2.
+        self.legacy_fingerprint = _fingerprint(self.split_attrs, logits, self._view_arrays())
         self._read_heads(f)
+
+    def _read_split(self, f: h5py.File, split: str) -> None:
+        """One split's attrs, logits and labels, checked (dtypes, shapes, stored bytes) before any is read."""
+        if split not in f or not {"logits", "labels"} <= set(f[split]):
+            raise self._fail(f"has no /{split}/logits or /{split}/labels")
+        group = f[split]
+        attrs = {k: _from_attr(group.attrs[k]) for k in ("n", "data_sha256") if k in group.attrs}
+        datasets = {name: group[name] for name in group if name in DTYPES}
+        problem = _split_attrs_problem(split, attrs) or _split_problem(
+            split, datasets, attrs.get("n"), self.attrs["n_classes"]
+        )
+        for name in ("logits", "labels", "fold", "view_params", "view_logits"):  # what is read now
+            problem = problem or (_storage_problem(f"/{split}/{name}", group[name]) if name in group else "")
+        if problem:
+            raise self._fail(problem)
+        logits = group["logits"][()].astype(np.float32)
+        problem = _finite_problem(f"/{split}/logits", logits)
+        if problem:
+            raise self._fail(problem)
+        self.split_attrs[split] = attrs
+        self.logits[split] = torch.from_numpy(logits)
+        self.labels[split] = group["labels"][()].astype(np.int64)
+        self.has_features &= "features" in group
 
     def _read_views(self, f: h5py.File) -> None:
         self.attrs.setdefault("views", 1)  # a version-1 cache: the plain view only
         self.attrs.setdefault("augment", augment_attr("none"))
-        # The views' params and logits into memory once; the check reads them from there, the features'
-        # shape from the file (they stay on disk until `view_features()`).
+        # Shapes and dtypes from the file first; then the views' params and logits into memory once (the
+        # features stay on disk until `view_features()`).
         train = {name: f["train"][name] for name in f["train"]}
-        for name in ("view_params", "view_logits"):
-            if name in train:
-                train[name] = train[name][()]
         problem = _views_problem(self.attrs, train, self.split_attrs["train"]["n"])
         if problem:
             raise self._fail(problem)
         stored = "view_logits" in train
-        self.view_params = torch.from_numpy(train["view_params"]) if stored else None  # (N, K, P)
-        self.view_logits = torch.from_numpy(train["view_logits"]) if stored else None  # (N, K, C)
+        self.view_params = self.view_logits = None
+        if stored:
+            self.view_params = torch.from_numpy(train["view_params"][()].astype(np.float32))  # (N, K, P)
+            self.view_logits = torch.from_numpy(train["view_logits"][()].astype(np.float32))  # (N, K, C)
+            problem = _finite_problem("/train/view_logits", self.view_logits.numpy())
+            if problem:
+                raise self._fail(problem)
         self.has_view_features = "view_features" in train
 
     def _view_arrays(self) -> dict[str, np.ndarray] | None:
@@ -544,7 +734,11 @@ class TeacherCache:
         path = tokens_path(self.path)
         try:
             with h5py.File(path, "r", locking=False) as f:
-                ours = _from_attr(f.attrs.get("cache_fingerprint", "")) == self.fingerprint
+                # Tokens kept before the fingerprint counted the labels carry the legacy one.
+                ours = _from_attr(f.attrs.get("cache_fingerprint", "")) in (
+                    self.fingerprint,
+                    self.legacy_fingerprint,
+                )
         except OSError:  # absent, or not HDF5
             return None
         return path if ours else None
@@ -560,7 +754,9 @@ class TeacherCache:
         return chance_metrics(self.task, self.labels[split])
 
     def check_data(self, flag: str, size: int, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-        """Refuse data other than the cache was built from: flag, size, each split's n and data_sha256."""
+        """Refuse data other than the cache was built from: flag, size, each split's n and data_sha256; and
+        labels stored in the cache other than the data's (the sha256 hashes the data's labels, not the
+        cache's)."""
         built = f"{self.attrs['dataset']} ({self.attrs['image_size']} px)"
         rebuild = (
             f"rebuild it with `medkd cache-teacher --dataset {flag} --size {size} "
@@ -581,6 +777,12 @@ class TeacherCache:
                     f"{stored['data_sha256'][:12]}…; the data given has n={len(images)} sha256 {sha[:12]}…: "
                     f"{rebuild}"
                 )
+            differ = _labels_differ(self.labels[split], labels)
+            if differ:
+                raise MedkdError(
+                    f"cache {self.path} holds {split} labels other than the data's ({differ}), so its "
+                    f"{split} metrics and targets would be wrong: {rebuild}"
+                )
 
 
 def data_difference(a: TeacherCache, b: TeacherCache) -> str:
@@ -597,7 +799,19 @@ def data_difference(a: TeacherCache, b: TeacherCache) -> str:
             return f"{split} n={mine['n']} vs n={theirs['n']}"
         if mine["data_sha256"] != theirs["data_sha256"]:
             return f"{split} data sha256 {mine['data_sha256'][:12]}… vs {theirs['data_sha256'][:12]}…"
+        differ = _labels_differ(a.labels[split], b.labels[split])
+        if differ:
+            return f"{split} labels ({differ})"
     return ""
+
+
+def _labels_differ(stored: np.ndarray, given: np.ndarray) -> str:
+    """How two (N, L) label arrays differ ("" if they are equal): `k of N images differ`, or their shapes."""
+    stored, given = np.asarray(stored), np.asarray(given)
+    if stored.size != given.size or len(stored) != len(given):
+        return f"shape {stored.shape} vs {given.shape}"
+    rows = (stored.reshape(len(stored), -1) != given.reshape(len(given), -1)).any(axis=1)  # (N,)
+    return f"{int(rows.sum())} of {len(rows)} images differ" if rows.any() else ""
 
 
 def chance_metrics(task: str, labels: np.ndarray) -> dict[str, float]:
@@ -611,44 +825,42 @@ def chance_metrics(task: str, labels: np.ndarray) -> dict[str, float]:
 
 
 def _fingerprint(
-    split_attrs: dict[str, dict[str, Any]], logits: dict[str, Any], views: dict[str, Any] | None = None
+    split_attrs: dict[str, dict[str, Any]],
+    logits: dict[str, Any],
+    views: dict[str, Any] | None = None,
+    labels: dict[str, Any] | None = None,
 ) -> str:
-    # What a student run reads from a cache: the data it was built from, the logits and the views; not its
-    # path, name or creation time, so a copy (or an identical rebuild) is the same cache. A cache without
-    # views hashes as before views existed, so its runs keep their config hashes.
+    # What a student run reads from a cache: the data it was built from, the logits, the labels and the
+    # views; not its path, name or creation time, so a copy (or an identical rebuild) is the same cache.
+    # Without `labels` it is the legacy fingerprint (medkd before 0.2 ignored the labels); without views both
+    # hash as a format-1 cache did.
     digest = hashlib.sha256()
     for split in SPLITS:
         digest.update(split_attrs[split]["data_sha256"].encode())
         digest.update(np.ascontiguousarray(logits[split], dtype=np.float32).tobytes())
+        if labels is not None:
+            digest.update(np.ascontiguousarray(labels[split], dtype=np.int64).tobytes())
     for name in ("view_params", "view_logits") if views is not None else ():
         digest.update(np.ascontiguousarray(views[name], dtype=np.float32).tobytes())
     return digest.hexdigest()
 
 
-def cache_fingerprint(path: str | os.PathLike) -> str:
-    """`TeacherCache(path).fingerprint`, from the logits and data sha256s alone (a sweep asks per trial).
-
-    Remembered per file version; a file that is not a readable cache gets TeacherCache's one-line error.
-    """
+def cache_fingerprint(path: str | os.PathLike, legacy: bool = False) -> str:
+    """`TeacherCache(path).fingerprint` (`legacy`: its `legacy_fingerprint`), remembered per file version
+    (a sweep asks per trial); a file that is not a readable cache gets TeacherCache's one-line error."""
     path = Path(path)
     if not path.is_file():
         raise MedkdError(f"teacher cache {path} not found; {MAKE_ONE}")
     stat = path.stat()
-    return _cached_fingerprint(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    current, old = _cached_fingerprints(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    return old if legacy else current
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_fingerprint(path: str, _mtime_ns: int, _size: int) -> str:
-    try:
-        with h5py.File(path, "r", locking=False) as f:
-            split_attrs = {s: {"data_sha256": _from_attr(f[s].attrs["data_sha256"])} for s in SPLITS}
-            train = f["train"]
-            names = ("view_params", "view_logits") if "view_logits" in train else ()
-            views = {k: train[k][()] for k in names} or None
-            return _fingerprint(split_attrs, {s: f[s]["logits"][()] for s in SPLITS}, views)
-    except (OSError, KeyError):
-        TeacherCache(path)  # says what is wrong with the file, in one line
-        raise
+def _cached_fingerprints(path: str, _mtime_ns: int, _size: int) -> tuple[str, str]:
+    # Through the reader, so a fingerprint is only ever taken of a cache that passes its checks.
+    cache = TeacherCache(path)
+    return cache.fingerprint, cache.legacy_fingerprint
 
 
 def joint_fingerprint(prints: tuple[str, ...]) -> str | tuple[str, ...] | None:
@@ -659,9 +871,12 @@ def joint_fingerprint(prints: tuple[str, ...]) -> str | tuple[str, ...] | None:
     return prints[0] if len(prints) == 1 else prints
 
 
-def run_fingerprint(cache: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
-    """`joint_fingerprint` of the caches a `cache` config value names, read from their files."""
-    return joint_fingerprint(tuple(cache_fingerprint(path) for path in cache_paths(cache)))
+def run_fingerprint(
+    cache: str | tuple[str, ...] | None, legacy: bool = False
+) -> str | tuple[str, ...] | None:
+    """`joint_fingerprint` of the caches a `cache` config value names, read from their files (`legacy`:
+    of their legacy fingerprints, what runs made before the fingerprint counted the labels hashed)."""
+    return joint_fingerprint(tuple(cache_fingerprint(path, legacy) for path in cache_paths(cache)))
 
 
 def tokens_path(out: str | os.PathLike) -> Path:

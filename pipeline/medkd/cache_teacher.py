@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -28,8 +29,8 @@ from medkd.cache import (
     chance_metrics,
     data_split_attrs,
     dataset_attrs,
+    is_medkd_cache,
     split_datasets,
-    tokens_path,
     write_cache,
 )
 from medkd.config import CacheTeacherConfig, to_dict
@@ -43,6 +44,7 @@ from medkd.partial import (
     keep_tokens,
     open_tokens,
     partial_path,
+    remove_kept_tokens,
     tokens_partial_path,
     views_partial_path,
 )
@@ -80,7 +82,14 @@ PROVENANCE = (  # the root attrs `inspect` shows, in this order
 
 
 def check_output(path: Path, force: bool) -> None:
-    """Refuse an existing cache (unless `force`) or an unwritable folder, before anything is loaded."""
+    """Refuse an existing cache (unless `force`), any other existing file or folder (even with `force`: it
+    is not medkd's to replace) or an unwritable folder, before anything is loaded."""
+    if path.exists() and not is_medkd_cache(path):
+        kind = "a folder" if path.is_dir() else "not a medkd cache (no HDF5 root attr medkd_format)"
+        raise MedkdError(
+            f"{path} exists and is {kind}; cache-teacher replaces only its own caches, even with --force: "
+            f"pass --out PATH for a new file (or move {path} away)"
+        )
     if path.exists() and not force:
         raise MedkdError(f"{path} already exists; pass --force to overwrite it")
     try:
@@ -171,7 +180,7 @@ def cache_teacher(cfg: CacheTeacherConfig, console: Console | None = None) -> Pa
         note = f", tokens kept in {keep_tokens(tokens, out)}"
     else:  # and tokens a replaced cache kept belong to it, not to this one
         tokens.unlink(missing_ok=True)
-        tokens_path(out).unlink(missing_ok=True)
+        remove_kept_tokens(out)
     speed = f"{attrs['images_per_second']:.0f} img/s" if passed else "all resumed from the partial file"
     console.print(
         f"features {feature_seconds:.1f} s ({speed}), head {head_seconds:.1f} s → {out}{note}",
@@ -373,18 +382,18 @@ def teacher_outputs(
 def _reproduced(cache: TeacherCache, inputs: dict[str, Rows], views: list[Rows] | None = None) -> float:
     """Max |stored head(inputs) - stored logits| over the splits (and each stored view's inputs against
     its view logits); train per fold when cross-fitted."""
-    head, fold_heads, diff = cache.head(), cache.fold_heads(), 0.0
+    head, fold_heads, diffs = cache.head(), cache.fold_heads(), [0.0]
 
     def train_logits(rows: Rows) -> torch.Tensor:  # (N, C): out-of-fold when cross-fitted
         return fold_logits(fold_heads, cache.folds, rows) if fold_heads else predict(head, rows)
 
     for split in SPLITS:
         logits = train_logits(inputs[split]) if split == "train" else predict(head, inputs[split])
-        diff = max(diff, (logits - cache.logits[split]).abs().max().item())
+        diffs.append((logits - cache.logits[split]).abs().max().item())
     for k, rows in enumerate(views or []):
         logits = train_logits(rows)
-        diff = max(diff, (logits - cache.view_logits[:, k]).abs().max().item())
-    return diff
+        diffs.append((logits - cache.view_logits[:, k]).abs().max().item())
+    return float(np.max(diffs))  # NaN-aware: Python's max(0.1, nan) is 0.1, np.max is nan
 
 
 def _head_check(cache: TeacherCache) -> dict[str, Any]:
@@ -410,16 +419,21 @@ def _head_check(cache: TeacherCache) -> dict[str, Any]:
         diff = _reproduced(cache, {split: Rows(features[split]) for split in SPLITS}, view_rows)
         if views is not None:
             features["views"] = views.flatten(0, 1)  # their |logit| bound too
+        bad = [name for name, f in features.items() if not torch.isfinite(f).all()]
         heads = cache.fold_heads() or [cache.head()]
         weight = torch.stack([h.weight.abs() for h in heads]).amax(
             dim=0
         )  # (C, D), the largest |w| of any head
-        scale = max((f.abs() @ weight.T).max().item() for f in features.values())  # bound on |logit| terms
+        # A bound on |logit| terms, from the finite features (NaN features are a mismatch, not a scale).
+        scale = max((f.abs().nan_to_num(0.0, 0.0, 0.0) @ weight.T).max().item() for f in features.values())
         # fp16 keeps 11 significant bits (relative error ≤ 2^-11 ≈ 5e-4 per feature); 1e-2·scale is generous.
         note = f"checked on the plain view and the {cache.views} views" if views is not None else ""
+        note = f"NaN or inf in features ({', '.join(bad)})" if bad else note
         result.update(max_abs_diff=diff, tolerance=1e-2 * scale + 1e-5, note=note)
     else:
         return result
+    if np.isnan(result["max_abs_diff"]) and not result["note"].startswith("NaN"):
+        result["note"] = f"NaN in the head's logits of the {HEAD_INPUTS[cache.head_kind]}"
     return {**result, "status": "ok" if result["max_abs_diff"] <= result["tolerance"] else "MISMATCH"}
 
 
@@ -442,7 +456,7 @@ def inspect_cache(path: str | os.PathLike, console: Console | None = None) -> di
     head_check = _head_check(cache)
     views = {"views": cache.views, "augment": cache.attrs["augment"], "train": cache.view_metrics()}
 
-    provenance = Table(title=f"teacher cache {cache.path}", show_header=False)
+    provenance = Table(title=f"teacher cache {escape(str(cache.path))}", show_header=False)
     for key in ("medkd_format", *PROVENANCE, "cross_fit", "views", "augment"):
         if key in cache.attrs:
             value = cache.attrs[key]

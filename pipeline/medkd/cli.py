@@ -16,6 +16,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 from rich.console import Console
+from rich.markup import escape
 
 from medkd import __version__
 from medkd.config import (
@@ -366,7 +367,7 @@ def datasets(data_dir: str | None, verify: bool) -> None:
 
     from medkd.datasets import custom_files, data_root, dataset_info, flags_2d, local_status
 
-    table = Table(title=f"MedMNIST v2 (2D) — local folder {data_root(data_dir)}")
+    table = Table(title=f"MedMNIST v2 (2D) — local folder {escape(str(data_root(data_dir)))}")
     for column in ("flag", "task", "classes", "train", "val", "test", "local sizes"):
         table.add_column(column, justify="right" if column in ("classes", "train", "val", "test") else "left")
     for flag in flags_2d():
@@ -384,7 +385,7 @@ def datasets(data_dir: str | None, verify: bool) -> None:
         for column in ("file", "task", "classes", "train", "val", "test", "size", "facts"):
             table.add_column(column, justify="left" if column in ("file", "task", "facts") else "right")
         for path in custom:
-            table.add_row(*_custom_row(path))
+            table.add_row(*map(escape, _custom_row(path)))
         Console().print(table)
 
 
@@ -430,7 +431,7 @@ def import_cmd(
     from medkd.importing import import_dataset
 
     imported = import_dataset(source, out, size, split, seed, task, channels, force)
-    console.print(imported.summary(), soft_wrap=True)
+    console.print(imported.summary(), soft_wrap=True, markup=False, highlight=False)
     click.echo(str(imported.path))
 
 
@@ -584,13 +585,16 @@ def sweep(ctx: click.Context, **_: Any) -> None:
     "--format", "fmt", type=click.Choice(("table", "csv", "markdown")), default="table", show_default=True
 )
 @click.option(
-    "--plot", type=click.Path(dir_okay=False), help="Write ablation curves (PNG) like the paper's Fig. 4."
+    "--plot",
+    type=click.Path(dir_okay=False),
+    help="Write ablation curves like the paper's Fig. 4 to this new .png file.",
 )
-def report(runs_dir: str, fmt: str, plot: str | None) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing --plot PNG (never another kind of file).")
+def report(runs_dir: str, fmt: str, plot: str | None, force: bool) -> None:
     """Summarise every run below RUNS_DIR over seeds (mean ± std); list incomplete and broken runs."""
     from medkd.report import report as run_report
 
-    run_report(runs_dir, fmt=fmt, plot=plot, console=console)
+    run_report(runs_dir, fmt=fmt, plot=plot, console=console, force=force)
 
 
 # ---------------------------------------------------------------- deploy and explain
@@ -747,7 +751,9 @@ def gradcam(
 @click.option(
     "--out", default="medkd-demo", show_default=True, help="Folder for data, cache, runs and report."
 )
-@click.option("--force", is_flag=True, help="Redo the demo in a folder that already holds one.")
+@click.option(
+    "--force", is_flag=True, help="Redo the demo in a folder an earlier demo made (it holds .medkd-demo)."
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(out: str, force: bool, quiet: bool) -> None:
     """The whole pipeline on synthetic data, on the CPU, in minutes: cache, baseline, KD, sweep, report."""

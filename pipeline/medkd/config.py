@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,9 +60,82 @@ ADDED_DEFAULTS = {
 }
 
 
+MAX_SEED = 2**63  # torch.manual_seed takes a 64-bit seed; medkd's are below this
+MAX_TEMPERATURE = 1e4  # beyond it every teacher is uniform, and T² overflows float32 past ~1.8e19
+_DEVICE = re.compile(r"auto|(cpu|cuda|mps)(:\d+)?")
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise MedkdError(message)
+
+
+# How a scalar annotation reads in an error, alone and inside a list.
+_KINDS = {
+    "int": "a whole number like 3", "float": "a number like 0.5", "bool": "true or false", "str": "a string",
+}  # fmt: skip
+_LISTS = {"int": "whole numbers like [5, 8]", "float": "numbers like [0.1, 0.2]", "str": "strings"}
+
+
+def _split(annotation: str, sep: str) -> list[str]:
+    """`annotation` cut at `sep` outside brackets: `str | tuple[str, ...] | None` → its three options."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(annotation):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == sep and depth == 0:
+            parts.append(annotation[start:i].strip())
+            start = i + 1
+    return [*parts, annotation[start:].strip()]
+
+
+def _is_scalar(value: Any, kind: str) -> bool:
+    """Whether `value` is a `kind` ("int", "float", "bool", "str", "None"): a bool is no number, an int
+    is a float."""
+    if kind == "None":
+        return value is None
+    if isinstance(value, bool) or kind == "bool":
+        return isinstance(value, bool) and kind == "bool"
+    return isinstance(value, {"int": int, "float": (int, float), "str": str}[kind])
+
+
+def _matches(value: Any, annotation: str) -> bool:
+    """Whether `value` fits a field's (string) annotation: scalars, `X | Y`, `tuple[X, ...]`."""
+    for option in _split(annotation, "|"):
+        if not option.startswith("tuple["):
+            if _is_scalar(value, option):
+                return True
+        elif isinstance(value, tuple):
+            items = _split(option[len("tuple[") : -1], ",")  # ["int", "..."] or ["float", "float"]
+            if items[-1] == "...":
+                items = [items[0]] * len(value)
+            if len(items) == len(value) and all(map(_matches, value, items)):
+                return True
+    return False
+
+
+def _describe(annotation: str) -> str:
+    """An annotation in words: `int | None` → "a whole number like 3 (or left out)"."""
+    options, words = _split(annotation, "|"), []
+    for option in options:
+        if option.startswith("tuple["):
+            words.append(f"a list of {_LISTS.get(_split(option[len('tuple[') : -1], ',')[0], 'lists')}")
+        elif option != "None":
+            words.append(_KINDS[option])
+    return " or ".join(words) + (" (or left out)" if "None" in options else "")
+
+
+def _check_types(cfg: Any) -> None:
+    """Refuse a field whose value does not fit its annotation (a TOML `epochs = 1.5`, `quiet = "no"`);
+    a list for a tuple field (TOML has no tuples) becomes a tuple first."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if isinstance(value, list) and "tuple[" in field.type:
+            object.__setattr__(cfg, field.name, tuple(value))
+        if not _matches(getattr(cfg, field.name), field.type):
+            raise MedkdError(
+                f"{field.name} must be {_describe(field.type)}, got {value!r} ({type(value).__name__}); "
+                f"fix it in the config file or on the command line (--{field.name.replace('_', '-')})"
+            )
 
 
 def _resolve_data(cfg: Any) -> None:
@@ -89,8 +163,12 @@ def _check_common(cfg: Any) -> None:
     if cfg.milestones is not None:
         _check(all(m >= 1 for m in cfg.milestones), f"--milestones must be epochs >= 1, got {cfg.milestones}")
     _check(
-        cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
+        _DEVICE.fullmatch(cfg.device) is not None,
         f"--device must be auto, cpu, cuda[:N] or mps, got '{cfg.device}'",
+    )
+    _check(
+        0 <= cfg.seed < MAX_SEED,
+        f"--seed must be in [0, 2^63) (torch takes 64-bit seeds), got {cfg.seed}; pick a seed in that range",
     )
 
 
@@ -104,9 +182,13 @@ def run_teacher_paths(teacher: str) -> list[str]:
             f"(run:runs/A,run:runs/B), not backbone names"
         )
     paths = [item[len(RUN_PREFIX) :].strip() for item in items]
-    duplicates = sorted({p for p in paths if paths.count(p) > 1})
-    if duplicates:
-        raise MedkdError(f"teacher run {duplicates[0]} is listed more than once in '{teacher}'")
+    # One folder however it is spelt: `runs/A`, `runs/A/`, `./runs/A` or a symlink to it.
+    seen: dict[Path, str] = {}
+    for path in paths:
+        same = seen.setdefault(Path(path).expanduser().resolve(), path)
+        if same != path or paths.count(path) > 1:
+            alias = f" ({same} is the same folder)" if same != path else ""
+            raise MedkdError(f"teacher run {path} is listed more than once in '{teacher}'{alias}")
     return paths
 
 
@@ -167,9 +249,10 @@ class CacheTeacherConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        _check_common(self)
         if isinstance(self.teacher, (list, tuple)):  # TOML `teacher = ["run:A", "run:B"]`, repeated flags
             object.__setattr__(self, "teacher", ",".join(str(t).strip() for t in self.teacher))
+        _check_types(self)
+        _check_common(self)
         if is_run_teacher(self.teacher):
             run_teacher_paths(self.teacher)  # every item run:PATH, none twice
             for name, value, default in (("head", self.head, "linear"), ("cross_fit", self.cross_fit, 1)):
@@ -271,10 +354,16 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cache", _as_caches(self.cache))
+        _check_types(self)
         _check_common(self)
         _check(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
         _check(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
         _check(self.temperature < float("inf"), f"--temperature must be finite, got {self.temperature}")
+        _check(
+            self.temperature <= MAX_TEMPERATURE,
+            f"--temperature must be <= {MAX_TEMPERATURE:g}, got {self.temperature:g}: a larger T makes every "
+            f"teacher uniform, and the loss's T² overflows float32; MedMNIST KD uses T of 1 to 20",
+        )
         _check(
             is_student(self.student),
             f"unknown student '{self.student}'; valid: {', '.join(STUDENTS)} or timm:<any timm model id>",
@@ -398,8 +487,6 @@ def make_config(cls: type, file_values: dict[str, Any], overrides: dict[str, Any
     if unknown:
         raise MedkdError(f"unknown config key(s) {', '.join(unknown)}; known: {', '.join(known)}")
     values = {**file_values, **{k: v for k, v in overrides.items() if v is not None}}
-    if values.get("milestones") is not None:
-        values["milestones"] = tuple(int(m) for m in values["milestones"])
     try:
         return cls(**values)
     except TypeError as err:  # a required field missing, e.g. --dataset for cache-teacher
@@ -425,10 +512,9 @@ def _as_tuple(key: str, value: Any, kind: type) -> tuple:
     values = value if isinstance(value, (list, tuple)) else [value]
     if not values:
         raise MedkdError(f"sweep key '{key}' is an empty list; give at least one value")
-    try:
-        out = tuple(kind(v) for v in values)
-    except (TypeError, ValueError):
-        raise MedkdError(f"sweep key '{key}' must hold numbers, got {values!r}") from None
+    if not all(_is_scalar(v, kind.__name__) for v in values):  # no `"0.1"`, `true` or `1.5` for a seed
+        raise MedkdError(f"sweep key '{key}' must hold {_LISTS[kind.__name__]}, got {values!r}")
+    out = tuple(kind(v) for v in values)
     duplicates = sorted({v for v in out if out.count(v) > 1})
     if duplicates:
         text = str if kind is str else short_number
@@ -438,6 +524,8 @@ def _as_tuple(key: str, value: Any, kind: type) -> tuple:
 
 def _as_pairs(value: Any) -> tuple[tuple[float, float], ...]:
     try:
+        if not all(_is_scalar(x, "float") for pair in value for x in pair):
+            raise TypeError("not a number")
         pairs = tuple((float(t), float(a)) for t, a in value)
     except (TypeError, ValueError):
         raise MedkdError(
@@ -503,7 +591,6 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cache", _as_caches(self.cache))
-        _resolve_data(self)
         if self.pairs is not None and (self.alpha is not None or self.temperature is not None):
             raise MedkdError(
                 "give either pairs (a list of [temperature, alpha]) or the alpha × temperature grid, not both"
@@ -520,6 +607,8 @@ class SweepConfig:
         }
         for key, value in normal.items():
             object.__setattr__(self, key, value)
+        _check_types(self)
+        _resolve_data(self)
         for trial in self.grid():  # every trial must be a valid distill config before anything runs
             DistillConfig(**self.shared(), **trial)
 
@@ -586,6 +675,7 @@ class LaunchConfig:
     stage_cache: str | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(
             self.launcher in LAUNCHERS, f"unknown --launcher '{self.launcher}'; valid: {', '.join(LAUNCHERS)}"
         )

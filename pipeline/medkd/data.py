@@ -27,6 +27,7 @@ from medkd.datasets import (  # noqa: F401
     dataset_info,
     dataset_name,
     dataset_sha256,
+    facts_path,
     flags_2d,
     is_custom,
     local_status,
@@ -39,6 +40,7 @@ from medkd.mapped import mapped_copy, member_shapes, memory_budget, release, sha
 from medkd.views import apply_views
 
 MAPPED_RELEASE_BATCHES = 256  # batches between letting a mapped split's read pages go
+MEMBERS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))  # what is read
 HASH_ROWS = 4096  # images a mapped split is hashed (and its pages let go) by: a few hundred MB at 224 px
 # MedMNIST's own training scripts normalise with mean 0.5, std 0.5 on every channel.
 MEDMNIST_MEAN = (0.5, 0.5, 0.5)
@@ -125,11 +127,12 @@ def load_arrays(
             )
         size = own if size is None else size
     size = 28 if size is None else size
+    _check_members(path, shapes, info)
     budget = memory_budget(max_memory_gb, device)
     try:
         with np.load(path) as npz:
             arrays = {}
-            for key in npz.files:
+            for key in MEMBERS:  # only these are decompressed: a file may carry other arrays
                 shape, dtype = shapes[key]
                 big = key.endswith("_images") and int(np.prod(shape)) * dtype.itemsize > budget
                 arrays[key] = mapped_copy(path, key) if big else npz[key]
@@ -140,21 +143,37 @@ def load_arrays(
     return {split: _check_split(path, arrays, split, size, info) for split in SPLITS}
 
 
+def _check_members(path: Path, shapes: dict, info: dict) -> None:
+    """The six arrays are there, and the facts name as many labels as the task needs; nothing is read."""
+    missing = [key for key in MEMBERS if key not in shapes]
+    if missing:
+        raise MedkdError(
+            f"{path}: missing key '{missing[0]}' (a MedMNIST file has train/val/test _images and _labels; "
+            f"found {', '.join(sorted(shapes))})"
+        )
+    task, n_labels = info["task"], len(info["label"])
+    if n_labels < 2 or (task == "binary-class" and n_labels != 2):
+        need = "exactly 2" if task == "binary-class" else "at least 2"
+        raise MedkdError(
+            f"{path}: a {task} dataset needs {need} labels, its facts name {n_labels}; fix 'task' or 'label' "
+            f"in {facts_path(path).name} (or delete it to infer the facts from the arrays)"
+        )
+
+
 def _check_split(
     path: Path, arrays: dict, split: str, size: int, info: dict
 ) -> tuple[np.ndarray, np.ndarray]:
-    for key in (f"{split}_images", f"{split}_labels"):
-        if key not in arrays:
-            raise MedkdError(
-                f"{path}: missing key '{key}' (a MedMNIST file has train/val/test _images and _labels; "
-                f"found {', '.join(sorted(arrays))})"
-            )
     images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
     expected = (size, size) if info["n_channels"] == 1 else (size, size, 3)
     if images.dtype != np.uint8 or images.shape[1:] != expected:
         raise MedkdError(
             f"{path}: {split}_images is {images.dtype} {tuple(images.shape)}; expected uint8 (N, "
             f"{', '.join(map(str, expected))}) for {info['n_channels']}-channel {_name(path, info)}"
+        )
+    if len(images) == 0:
+        raise MedkdError(
+            f"{path}: the {split} split is empty (0 images); every split needs at least one image: "
+            f"move some images into it, or re-import the data (`medkd import`)"
         )
     n_classes = len(info["label"])
     columns, top = (n_classes, 1) if is_multilabel(info["task"]) else (1, n_classes - 1)
@@ -284,14 +303,21 @@ class DeviceSplit:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         views: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+        merge_single: bool = False,
     ) -> Iterator[Batch]:
         """Yield batches in order, or shuffled with `generator` (a CPU generator, so runs repeat); with
-        `views`, each batch's images are the views (`medkd.views`) whose parameters `views(index)` gives."""
+        `views`, each batch's images are the views (`medkd.views`) whose parameters `views(index)` gives.
+
+        `merge_single` joins a last batch of one image to the batch before it (training: BatchNorm cannot
+        normalise a single image whose feature map is 1×1)."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         order = order.to(self.device)
-        for step, start in enumerate(range(0, n, batch_size)):
-            idx = order[start : start + batch_size]
+        starts = list(range(0, n, batch_size))
+        if merge_single and len(starts) > 1 and n - starts[-1] == 1:
+            starts.pop()
+        for step, (start, end) in enumerate(zip(starts, [*starts[1:], n], strict=True)):
+            idx = order[start:end]
             params = views(idx) if views is not None else None  # (B, P) or None
             yield Batch(idx, prepare_images(self.gather(idx), view, params), self.targets[idx])
             if self.mapped is not None and step % MAPPED_RELEASE_BATCHES == MAPPED_RELEASE_BATCHES - 1:

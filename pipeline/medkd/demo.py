@@ -4,6 +4,10 @@ Synthetic data made on the fly → a teacher that knows the data (a ResNet18 tra
 longer than the students) → its cache (`run:` teacher) → supervised baseline student → one KD run → a 2×2
 sweep from the same cache (which skips the KD run, already done) → report table, ablation plot, and one
 sentence on what the table shows. Every step is the library call the matching command makes.
+
+The demo writes only into a folder it made (or found empty), and marks it with `.medkd-demo`; `--force`
+redoes a demo in a marked folder and refuses any other non-empty one. Its report holds the runs it trained,
+never other runs a user keeps there.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from medkd.cache import TeacherCache
 from medkd.cache_teacher import cache_teacher
@@ -21,14 +26,7 @@ from medkd.data import dataset_info, make_synthetic_like
 from medkd.distill import distill
 from medkd.errors import MedkdError
 from medkd.plots import plot_ablation
-from medkd.report import (
-    collect_runs,
-    print_table,
-    problem_line,
-    render_markdown,
-    render_table,
-    summarise,
-)
+from medkd.report import print_table, render_markdown, render_table, summarise
 from medkd.runs import RunResult
 from medkd.sweep import expand, run_sweep
 from medkd.trials import run_trial
@@ -41,6 +39,7 @@ SIZES = dict(n_train=400, n_val=100, n_test=100)
 STUDENT = dict(student="resnet18", student_size=16, epochs=2, batch_size=32, lr=1e-3)
 TEACHER = dict(student="resnet18", student_size=16, epochs=4, batch_size=32, lr=1e-3)
 ALPHAS, TEMPERATURES = (0.2, 0.5), (2.0, 4.0)
+MARKER = ".medkd-demo"  # in a folder the demo made: what `--force` may redo
 
 
 def verdict(baseline: RunResult, kd_runs: list[RunResult]) -> str:
@@ -63,15 +62,34 @@ def verdict(baseline: RunResult, kd_runs: list[RunResult]) -> str:
     return text + "."
 
 
+def claim_folder(out: Path, force: bool) -> Path:
+    """Make `out` the demo's folder, marked with MARKER: a new or empty folder, or (with `force`) one an
+    earlier demo marked. Any other non-empty folder is the user's, and refused with or without `force`."""
+    if out.exists() and not out.is_dir():
+        raise MedkdError(f"--out {out} is a file; give a new or empty folder for the demo")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise MedkdError(
+                f"{out} is not empty and is not a medkd demo folder (no {MARKER} in it); give --out a new "
+                f"or empty folder (--force only redoes an earlier demo)"
+            )
+        if not force:
+            raise MedkdError(f"{out} already holds a medkd demo; pass --force to redo it there, or --out DIR")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).write_text("made by `medkd demo`: `medkd demo --force` may redo this folder\n")
+    except OSError as err:
+        raise MedkdError(f"cannot create the demo folder {out}: {err.strerror}") from err
+    return out
+
+
 def run_demo(
     out: str | Path = "medkd-demo", quiet: bool = False, force: bool = False, console: Console | None = None
 ) -> dict[str, Any]:
     """Run the demo into `out`; return the paths it wrote, the summary rows and the seconds it took."""
     console = console or Console(stderr=True)
     started = time.perf_counter()
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise MedkdError(f"{out} exists and is not empty; pass --force to redo the demo there, or --out DIR")
+    out = claim_folder(Path(out), force)
     data_dir, runs = out / "data", out / "runs"
     teacher_run = out / "teacher"
     cache_path = out / "cache" / f"{FLAG}_28_run-teacher.h5"
@@ -79,7 +97,8 @@ def run_demo(
 
     def step(number: int, text: str) -> None:
         console.print(
-            f"[bold]\\[{number}/7][/] {text}  [dim]({time.perf_counter() - started:.0f} s)[/]", soft_wrap=True
+            f"[bold]\\[{number}/7][/] {escape(text)}  [dim]({time.perf_counter() - started:.0f} s)[/]",
+            soft_wrap=True,
         )
 
     console.print(
@@ -104,7 +123,9 @@ def run_demo(
 
     step(4, "supervised baseline (α = 1): resnet18 student at 16 px from the labels alone")
     common = dict(cache=str(cache_path), data_dir=str(data_dir), force=force, quiet=quiet, **STUDENT)
-    distill(DistillConfig(alpha=1.0, out=str(runs / "baseline"), **common), console=console, cache=cache)
+    baseline = distill(
+        DistillConfig(alpha=1.0, out=str(runs / "baseline"), **common), console=console, cache=cache
+    )
 
     sweep = SweepConfig(alpha=ALPHAS, temperature=TEMPERATURES, seed=(0,), out=str(runs / "sweep"), **common)
     kd_run = next(t for t in expand(sweep) if t["alpha"] == 0.2 and t["temperature"] == 2.0)
@@ -112,23 +133,20 @@ def run_demo(
     run_trial(kd_run, cache=cache, console=console)
 
     step(6, "sweep α ∈ {0.2, 0.5} × T ∈ {2, 4}: the KD run above is one of its trials, so it is skipped")
-    run_sweep(sweep, console=console)
+    kd_runs = run_sweep(sweep, console=console)
 
     step(7, "report")
-    results, problems = collect_runs(runs)
-    rows = summarise(results)
+    rows = summarise([baseline, *kd_runs])  # the demo's own runs only, whatever else lies in runs/
     print_table(console, render_table(rows, title=f"{runs} (synthetic {FLAG}-shaped data)"))
-    baseline = next(r for r in results if r.baseline)
-    console.print(verdict(baseline, [r for r in results if not r.baseline]), soft_wrap=True)
+    console.print(verdict(baseline, kd_runs), soft_wrap=True, markup=False)
     (out / "report.md").write_text(render_markdown(rows))
     plot = plot_ablation(rows, out / "report.png")
-    for problem in problems:
-        console.print(f"unexpected: {problem_line(problem)}", soft_wrap=True)
 
     seconds = time.perf_counter() - started
     console.print(
         f"demo finished in {seconds:.0f} s: data, cache, runs, report.md and report.png in {out}/",
         highlight=False,
+        markup=False,
         soft_wrap=True,
     )
     return {

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
@@ -29,14 +30,16 @@ from medkd.runs import (
     EPOCH_CHECKPOINT,
     RESULT,
     SWEEP,
+    RunIdentity,
     RunResult,
-    config_hash,
-    legacy_config_hash,
+    checkpoint_hash,
+    claim_run_dir,
     load_checkpoint,
     prepare_run_dir,
     read_result,
     same_experiment,
     save_checkpoint,
+    student_weights_sha256,
     versions,
     write_predictions,
     write_result,
@@ -79,6 +82,12 @@ class Inputs:
     def fingerprint(self) -> str | tuple[str, ...] | None:
         """What the config hash counts of the caches (`joint_fingerprint`)."""
         return joint_fingerprint(tuple(c.fingerprint for c in self.caches))
+
+    def identity(self, cfg: DistillConfig) -> RunIdentity:
+        """What a run of `cfg` on these inputs learns from, for its config hash: caches, data, init file."""
+        legacy = joint_fingerprint(tuple(c.legacy_fingerprint for c in self.caches))
+        weights = student_weights_sha256(cfg.student_weights)
+        return RunIdentity(self.fingerprint(), self.data_sha256, weights, legacy)
 
     def teacher_fields(self, weighting: str) -> dict[str, Any]:
         """RunResult's `teacher` (one cache), or `teachers` and `teacher_weighting` (several)."""
@@ -244,38 +253,59 @@ def distill(
     cfg: DistillConfig,
     console: Console | None = None,
     cache: TeacherCache | list[TeacherCache] | None = None,
+    inputs: Inputs | None = None,
 ) -> RunResult:
     """Train one student, write its run folder and return its result; `cache` (a list for several
-    caches) skips re-reading the files."""
+    caches) skips re-reading the files, `inputs` (`load_inputs` of the same data and caches, as a sweep
+    shares them) the data as well.
+
+    From its first write on, this process is the run folder's one writer (`claim_run_dir`): another
+    process on the same folder is refused until this one ends, however it ends."""
     console = console or Console(stderr=True, quiet=cfg.quiet)
     started = time.perf_counter()
-    inputs = load_inputs(cfg, cache)
-    caches = inputs.caches
-    sources = training_sources(cfg, caches, inputs.given)
+    inputs = inputs if inputs is not None else load_inputs(cfg, cache)
+    sources = training_sources(cfg, inputs.caches, inputs.given)
     teacher = inputs.teacher_label(cfg.teacher_weighting)
     name = run_name(cfg, inputs.dataset, inputs.size, teacher, sources.label())
     run_dir = Path(cfg.out) if cfg.out else Path("runs") / name
-    config = to_dict(cfg)
-    fingerprint = inputs.fingerprint()
-    chash = config_hash(config, fingerprint)
-    done = finished_run(cfg, run_dir, chash, console)
-    if done is not None:
-        return done
+    identity = inputs.identity(cfg)
+    chash = identity.config_hash(to_dict(cfg))
+    # What is read in the folder (a finished result, the epoch checkpoint) is read under the lock.
+    with claim_run_dir(run_dir, chash):
+        done = finished_run(cfg, run_dir, identity.hashes(to_dict(cfg)), console)
+        if done is not None:
+            return done
+        return train_student(cfg, inputs, sources, run_dir, identity, console, started)
 
+
+def train_student(
+    cfg: DistillConfig,
+    inputs: Inputs,
+    sources: Sources,
+    run_dir: Path,
+    identity: RunIdentity,
+    console: Console,
+    started: float,
+) -> RunResult:
+    """`distill` in its claimed run folder: the student, resumed if asked, trained, evaluated, written."""
+    config = to_dict(cfg)
+    chash = identity.config_hash(config)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     student_size = cfg.student_size or inputs.size
     model, helpers, loop = build_training(cfg, inputs, sources, student_size, device)
-    checkpoint = read_epoch_checkpoint(run_dir, chash, config, fingerprint) if cfg.resume else None
+    checkpoint = read_epoch_checkpoint(run_dir, config, identity) if cfg.resume else None
     if cfg.resume and checkpoint is None:
-        console.print(f"no epoch checkpoint in {run_dir}: starting at epoch 1", soft_wrap=True)
+        console.print(f"no epoch checkpoint in {escape(str(run_dir))}: starting at epoch 1", soft_wrap=True)
     check_trackers(cfg.tensorboard, cfg.mlflow)
     prepare_run_dir(run_dir, cfg.force)  # last check before work: nothing is written on bad input
     run = RunSoFar()
     if checkpoint is not None:
         run = resume(checkpoint, model, loop, run_dir)
         helpers.load_state_dict(checkpoint)
-        console.print(f"resuming {run_dir} after epoch {loop.epoch} of {cfg.epochs}", soft_wrap=True)
+        console.print(
+            f"resuming {escape(str(run_dir))} after epoch {loop.epoch} of {cfg.epochs}", soft_wrap=True
+        )
 
     channels_last = device.type == "cuda"
     if channels_last:
@@ -312,6 +342,7 @@ def distill(
         **inputs.teacher_fields(cfg.teacher_weighting),
         data_sha256=inputs.data_sha256,
         dataset_sha256=inputs.dataset_sha256,
+        student_weights_sha256=identity.weights_sha256,
         history=run.history,
         epochs_run=len(run.history),
         best_epoch=run.best.epoch,
@@ -323,8 +354,9 @@ def distill(
     write_result(run_dir, result)
     (run_dir / EPOCH_CHECKPOINT).unlink(missing_ok=True)  # only an unfinished run needs it
     console.print(
-        f"[bold]{run_dir}[/]: best epoch {run.best.epoch}, val AUC {val_metrics['auc']:.4f} "
-        f"ACC {val_metrics['acc']:.4f}; test AUC {test_metrics['auc']:.4f} ACC {test_metrics['acc']:.4f}"
+        f"[bold]{escape(str(run_dir))}[/]: best epoch {run.best.epoch}, val AUC {val_metrics['auc']:.4f} "
+        f"ACC {val_metrics['acc']:.4f}; test AUC {test_metrics['auc']:.4f} ACC {test_metrics['acc']:.4f}",
+        soft_wrap=True,
     )
     return result
 
@@ -344,12 +376,16 @@ def build_training(
     return model, helpers, loop
 
 
-def finished_run(cfg: DistillConfig, run_dir: Path, chash: str, console: Console) -> RunResult | None:
+def finished_run(
+    cfg: DistillConfig, run_dir: Path, hashes: tuple[str, ...], console: Console
+) -> RunResult | None:
     """With --resume, the run folder's result when it already holds this very run (nothing to do)."""
     if cfg.resume and (run_dir / RESULT).exists():
         done = read_result(run_dir)
-        if same_experiment(done, chash):
-            console.print(f"{run_dir} already holds this finished run; nothing to resume", soft_wrap=True)
+        if same_experiment(done, hashes):
+            console.print(
+                f"{escape(str(run_dir))} already holds this finished run; nothing to resume", soft_wrap=True
+            )
             return done
     return None
 
@@ -499,7 +535,9 @@ def train_run(
     `extras` are `train_epochs`' augmentation, feature_kd and weighting; `trackers` see every epoch."""
     extras = extras or {}
     trackers = trackers or Trackers()
-    steps_per_epoch = -(-len(splits["train"]) // cfg.batch_size)
+    n = len(splits["train"])
+    # A last batch of one image joins the batch before it (BatchNorm cannot train on one image).
+    steps_per_epoch = n // cfg.batch_size if n % cfg.batch_size == 1 and n > 1 else -(-n // cfg.batch_size)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"))
     with Progress(
         *columns, TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=cfg.quiet
@@ -524,7 +562,7 @@ def train_run(
                 progress.update(bar, info=line)
                 if not cfg.quiet and not console.is_terminal:
                     # A log file (nohup, Slurm) never sees a live bar: one line per epoch instead.
-                    console.print(f"{run_dir.name}: {line}", highlight=False)
+                    console.print(f"{escape(run_dir.name)}: {line}", highlight=False)
                 if run.best.update(stats.epoch, stats.val_auc):
                     run.best_state = copy.deepcopy(model.state_dict())
                     state = {"model": run.best_state, "epoch": stats.epoch, "config": checkpointing["config"]}
@@ -567,7 +605,7 @@ def epoch_checkpoint(
 
 
 def read_epoch_checkpoint(
-    run_dir: Path, chash: str, config: dict[str, Any], fingerprint: str | tuple[str, ...] | None
+    run_dir: Path, config: dict[str, Any], identity: RunIdentity
 ) -> dict[str, Any] | None:
     """The run folder's epoch checkpoint if it has one, checked to come from this very config."""
     path = run_dir / EPOCH_CHECKPOINT
@@ -578,13 +616,22 @@ def read_epoch_checkpoint(
     except MedkdError as err:
         raise MedkdError(f"{err}; drop --resume to start over") from err
     # A checkpoint of medkd 0.1 carries the old hash, which counted --download.
-    accepted = (chash, legacy_config_hash(config, fingerprint))
+    accepted = identity.hashes(config)
     if checkpoint.get("config_hash") not in accepted:
         raise MedkdError(
             f"{path} is a checkpoint of another config (hash {checkpoint.get('config_hash')}, this run "
-            f"{chash}); resume with the same options and cache, or drop --resume to start over"
+            f"{accepted[0]}); resume with the same options, cache, data and --student-weights file, or drop "
+            f"--resume to start over"
         )
     return checkpoint
+
+
+def resumable(run_dir: Path, config: dict[str, Any], identity: RunIdentity) -> bool:
+    """Does the run folder hold an epoch checkpoint (and best.pt) of this very config, to resume? What a
+    sweep asks of a trial that was killed; a checkpoint of another config is no reason to stop."""
+    if not (run_dir / CHECKPOINT).is_file():
+        return False
+    return checkpoint_hash(run_dir / EPOCH_CHECKPOINT) in identity.hashes(config)
 
 
 def resume(checkpoint: dict[str, Any], model: torch.nn.Module, loop: LoopState, run_dir: Path) -> RunSoFar:

@@ -2,7 +2,7 @@
 
 A teacher's features come from its cache (`/split/features`), a student's from its run folder (the
 penultimate features of `best.pt`, caught by `medkd.students.FeatureTap`). Given both, the panels sit side
-by side over the same images. This module also owns the PNG target rules that `medkd.saliency` shares.
+by side over the same images. The PNG target rules (`check_png_out`) live in `medkd.plots`.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from medkd.data import prepare_images
 from medkd.deploy import label_names
 from medkd.errors import MedkdError
 from medkd.files import atomic_path
+from medkd.plots import check_png_out
 from medkd.students import FeatureTap
 from medkd.trained import load_trained_run
 
 NONE = "none"  # the bucket of a multi-label image with no positive label
 DPI = 150
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BATCH = 256
 MIN_SAMPLES = 4  # t-SNE needs a few neighbours per point
 PANEL_INCHES = 6.0
@@ -40,36 +40,7 @@ class SourceFeatures(NamedTuple):
     title: str  # how the panel names the source
 
 
-# ---------------------------------------------------------------- PNG targets (shared with saliency)
-
-
-def check_png_out(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse an --out that is not a new .png in an existing folder; `force` replaces only a PNG image, so
-    a user's data file is never overwritten."""
-    path = Path(out)
-    if path.suffix.lower() != ".png":
-        raise MedkdError(f"--out {path} must end in .png")
-    if path.is_dir():
-        raise MedkdError(f"--out {path} is a folder; give a .png file name")
-    if not path.parent.is_dir():
-        raise MedkdError(f"--out {path}: folder {path.parent} does not exist")
-    if not path.exists():
-        return path
-    if not force:
-        raise MedkdError(f"{path} already exists; pass --force to replace it, or --out elsewhere")
-    if not _is_png(path):
-        raise MedkdError(
-            f"{path} exists and is not a PNG image: --force replaces only a PNG figure; choose another --out"
-        )
-    return path
-
-
-def _is_png(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
-    except OSError:
-        return False
+# ---------------------------------------------------------------- PNG figures (shared with saliency)
 
 
 def write_png(fig: Figure, path: Path) -> Path:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,8 +23,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     on any exception (KeyboardInterrupt too) it is removed.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _new_file_beside(path)
     try:
         yield Path(tmp)
         with open(tmp, "rb") as f:
@@ -33,6 +32,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _new_file_beside(path: Path) -> Path:
+    """A new empty `.{name}.XXXXXXXX.tmp` beside `path`, made with mode 0o666 as any new file is, so the
+    umask (and a default ACL) sets its permissions. mkstemp's 0o600 would make every run file private."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:  # another writer's name: draw again
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def temporary_files(folder: str | os.PathLike, name: str) -> list[Path]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from medkd.config import LaunchConfig
 from medkd.errors import MedkdError, first_line
-from medkd.runs import ERROR, RESULT, write_error
+from medkd.runs import ERROR, RESULT, RunIdentity, write_error
 from medkd.trials import run_trials, trial_env
 
 ENGINES = {"ray": "ray", "slurm": "submitit"}  # launcher → the module it needs
@@ -76,13 +76,15 @@ def launch_trials(
     cache: str | tuple[str, ...] | None,
     out: Path,
     on_done: Callable[[dict[str, Any]], None],
+    identity: RunIdentity | None = None,
 ) -> None:
     """Run `trials` on Ray or Slurm and wait for all of them; `on_done(trial)` as each one ends.
 
+    `identity` is what the trials learn from, known to the sweep (workers then need not read it again).
     A trial the engine lost (a worker killed, a job out of time) gets an error.json saying so.
     """
     check_launcher(launch)
-    env = trial_env(cache, launch.launcher, launch.stage_cache)
+    env = trial_env(cache, launch.launcher, launch.stage_cache, identity)
     tasks = [absolute(t) for t in trials]
     by_out = {t["out"]: original for t, original in zip(tasks, trials, strict=True)}
     if launch.launcher == "ray":

@@ -181,7 +181,7 @@ def _make_copy(zf: zipfile.ZipFile, info: zipfile.ZipInfo, npz_path: Path, path:
         )
     try:
         with atomic_path(path) as tmp, zf.open(info) as src, open(tmp, "wb") as dst:
-            # mkstemp makes the file 0600; the copy gets the npz's read permissions, for whoever shares it.
+            # The copy gets the npz's read permissions (not the umask's), for whoever shares the npz.
             os.chmod(tmp, npz_path.stat().st_mode & 0o666)
             # The member is a whole .npy file (header and data), so copying its bytes makes the copy;
             # ZipExtFile checks the CRC when the last block is read.

@@ -14,10 +14,14 @@ import h5py
 import numpy as np
 import torch
 
-from medkd.cache import cache_fingerprint, tokens_path
+from medkd.cache import cache_fingerprint, disk_full_error, is_disk_full, tokens_path, write_size
 from medkd.errors import MedkdError
 
 TOKEN_CHUNK_BYTES = 1 << 18  # HDF5 chunks of whole token rows, about this size: a minibatch reads few
+RESUME = (
+    "free space and rerun the same command: it resumes after the last complete chunk (or pass --out on "
+    "another disk to start there)"
+)
 
 
 def partial_path(out: str | os.PathLike) -> Path:
@@ -40,11 +44,29 @@ def views_partial_path(out: str | os.PathLike) -> Path:
 
 def keep_tokens(partial: str | os.PathLike, cache: str | os.PathLike) -> Path:
     """Make the finished tokens partial file the kept tokens of `cache`, marked with its fingerprint."""
-    with h5py.File(partial, "a") as f:
-        f.attrs["cache_fingerprint"] = cache_fingerprint(cache)
+    try:
+        with h5py.File(partial, "a") as f:
+            f.attrs["cache_fingerprint"] = cache_fingerprint(cache)
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error(partial, write_size(err), RESUME) from err
+        raise
     kept = tokens_path(cache)
     os.replace(partial, kept)
     return kept
+
+
+def remove_kept_tokens(cache: str | os.PathLike) -> None:
+    """Delete the tokens kept beside `cache` (`tokens_path`), if that file is kept tokens (an HDF5 file with
+    the root attr `cache_fingerprint`): a file of another origin under that name is left alone."""
+    path = tokens_path(cache)
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            ours = "cache_fingerprint" in f.attrs
+    except OSError:  # absent, or not HDF5
+        return
+    if ours:
+        path.unlink(missing_ok=True)
 
 
 def open_tokens(path: str | os.PathLike) -> h5py.File:
@@ -58,8 +80,10 @@ class PartialOutputs:
     `tokens` path, also the patch tokens `/<split>` (N, T, D_tok) float16 in that second file.
 
     The root attr `key` names everything the outputs depend on: a file with another key, or one that
-    cannot be opened, is started anew (`note` says why). Rows are written first, then `done`, then the
-    file is flushed, tokens before features: a kill at any point leaves `done` at most the rows written.
+    cannot be opened, is started anew (`note` says why), and so is a split whose row count `done` is missing
+    or wrong (a write cut short, e.g. by a full disk, between creating its dataset and counting its rows).
+    Rows are written first, then `done`, then the file is flushed, tokens before logits before features: a
+    kill at any point leaves `done` at most the rows written. A full disk is one `MedkdError` line.
     """
 
     def __init__(self, path: str | os.PathLike, key: str, tokens: str | os.PathLike | None = None):
@@ -73,24 +97,50 @@ class PartialOutputs:
 
     def _open(self, path: Path, key: str, what: str) -> h5py.File:
         if path.exists():
-            try:
-                f = h5py.File(path, "a")
-            except OSError as err:
-                if "lock" in str(err):
-                    raise MedkdError(
-                        f"{path} is locked: another cache-teacher with the same --out is running; "
-                        f"wait for it or pass another --out"
-                    ) from err
-                self.notes.append(f"{path} is damaged ({type(err).__name__}); computing {what} anew")
-            else:
-                if f.attrs.get("key") == key:
-                    return f
-                f.close()
-                self.notes.append(f"{path} was made with other arguments; computing {what} anew")
+            f = self._resume(path, key, what)
+            if f is not None:
+                return f
             path.unlink()
-        f = h5py.File(path, "w")
-        f.attrs["key"] = key
+        f = None
+        try:
+            f = h5py.File(path, "w")
+            f.attrs["key"] = key
+        except OSError as err:
+            if f is not None:
+                f.close()
+            path.unlink(missing_ok=True)  # an empty or half-made header: nothing to resume
+            if is_disk_full(err):
+                raise disk_full_error(path, write_size(err), RESUME) from err
+            raise
         return f
+
+    def _resume(self, path: Path, key: str, what: str) -> h5py.File | None:
+        """The file at `path`, open to resume, or None (with a note) when it is to be started anew."""
+        try:
+            f = h5py.File(path, "a")
+        except OSError as err:
+            if is_disk_full(err):  # not damaged: keep what is done for the rerun
+                raise disk_full_error(path, write_size(err), RESUME) from err
+            if "lock" in str(err):
+                raise MedkdError(
+                    f"{path} is locked: another cache-teacher with the same --out is running; "
+                    f"wait for it or pass another --out"
+                ) from err
+            self.notes.append(f"{path} is damaged ({type(err).__name__}); computing {what} anew")
+            return None
+        try:
+            if f.attrs.get("key") == key:
+                _drop_unfinished(f, path, what, self.notes)
+                return f
+            self.notes.append(f"{path} was made with other arguments; computing {what} anew")
+        except (OSError, KeyError, ValueError, TypeError) as err:  # opens, but its contents are damaged
+            f.close()
+            if is_disk_full(err):
+                raise disk_full_error(path, write_size(err), RESUME) from err
+            self.notes.append(f"{path} is damaged ({type(err).__name__}); computing {what} anew")
+            return None
+        f.close()
+        return None
 
     def __enter__(self) -> PartialOutputs:
         return self
@@ -101,9 +151,13 @@ class PartialOutputs:
             self.tokens.close()
 
     def done(self, split: str) -> int:
-        """Rows of `split` already written (0 for a split not started), in every file."""
-        files = [self.file] if self.tokens is None else [self.file, self.tokens]
-        return min(int(f[split].attrs["done"]) if split in f else 0 for f in files)
+        """Rows of `split` already written (0 for a split not started), in every dataset of it."""
+        counts = [_done(self.file, split)]
+        if f"logits_{split}" in self.file:
+            counts.append(_done(self.file, f"logits_{split}"))
+        if self.tokens is not None:
+            counts.append(_done(self.tokens, split))
+        return min(counts)
 
     def write(
         self,
@@ -115,18 +169,57 @@ class PartialOutputs:
         tokens: np.ndarray | None = None,
     ) -> None:
         """Rows `start:start + len(features)` of `split` (n rows in all)."""
-        if self.tokens is not None:
-            _write_rows(self.tokens, split, n, start, np.asarray(tokens, dtype=np.float16))
-        for name, block in ((split, features), (f"logits_{split}", logits)):
-            if block is not None:
-                _write_rows(self.file, name, n, start, np.asarray(block, dtype=np.float32))
+        blocks = (
+            [(self.tokens, split, np.asarray(tokens, dtype=np.float16))] if self.tokens is not None else []
+        )
+        if logits is not None:
+            blocks.append((self.file, f"logits_{split}", np.asarray(logits, dtype=np.float32)))
+        blocks.append((self.file, split, np.asarray(features, dtype=np.float32)))  # last: it marks the rows
+        for f, name, block in blocks:
+            try:
+                _write_rows(f, name, n, start, block)
+            except OSError as err:
+                if is_disk_full(err):
+                    raise disk_full_error(f.filename, block.nbytes, RESUME) from err
+                raise
 
     def read(self, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`(features, logits or None)` of a finished split, float32."""
         logits = f"logits_{split}"
-        return (
-            torch.from_numpy(self.file[split][()]),
-            torch.from_numpy(self.file[logits][()]) if logits in self.file else None,
+        try:
+            return (
+                torch.from_numpy(self.file[split][()]),
+                torch.from_numpy(self.file[logits][()]) if logits in self.file else None,
+            )
+        except OSError as err:  # the rows were counted but cannot be read back: a damaged file
+            raise MedkdError(
+                f"{self.path} cannot be read back ({' '.join(str(err).split())[:120]}); delete it and rerun: "
+                f"the teacher pass starts anew"
+            ) from err
+
+
+def _done(f: h5py.File, name: str) -> int:
+    return int(f[name].attrs.get("done", 0)) if name in f else 0
+
+
+def _drop_unfinished(f: h5py.File, path: Path, what: str, notes: list[str]) -> None:
+    """Delete each split of `f` with a dataset whose `done` is missing or not a row count, so that split is
+    computed anew (a write cut short between creating the dataset and counting its rows: a full disk)."""
+    for name in list(f):
+        if name not in f:  # deleted with its split
+            continue
+        data = f[name]
+        done = data.attrs.get("done") if isinstance(data, h5py.Dataset) else None
+        rows = data.shape[0] if isinstance(data, h5py.Dataset) and data.ndim else 0
+        if isinstance(done, (int, np.integer)) and not isinstance(done, bool) and 0 <= done <= rows:
+            continue
+        split = name.removeprefix("logits_")
+        for other in (split, f"logits_{split}"):
+            if other in f:
+                del f[other]
+        notes.append(
+            f"{path} has /{name} without a row count (a write cut short, e.g. by a full disk); computing the "
+            f"{what} of {split} anew"
         )
 
 

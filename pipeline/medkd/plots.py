@@ -1,7 +1,11 @@
-"""The ablation plot of `medkd report --plot` (the paper's Figure 4), from `medkd.report.summarise` rows."""
+"""The ablation plot of `medkd report --plot` (the paper's Figure 4), from `medkd.report.summarise` rows,
+and the rules every PNG medkd writes follows (`medkd tsne`, `medkd gradcam`, `medkd demo` too): it ends
+in .png, and `--force` replaces only a PNG, never a user's data file, cache or model.
+"""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -10,6 +14,50 @@ from matplotlib.figure import Figure  # no pyplot: no global backend state, rend
 
 from medkd.errors import MedkdError
 from medkd.files import atomic_path
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- PNG targets
+
+
+def check_png_out(
+    out: str | os.PathLike, force: bool, flag: str = "--out", make_folder: bool = False
+) -> Path:
+    """Refuse a `flag` target that is not a new .png (in an existing folder, unless `make_folder`);
+    `force` replaces only a PNG image, so a user's data file is never overwritten."""
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        raise MedkdError(f"{flag} {path} must end in .png; give a PNG file name such as {path.stem}.png")
+    if path.is_dir():
+        raise MedkdError(f"{flag} {path} is a folder; give a .png file name")
+    if make_folder:  # the folder is made when the PNG is written; none of it may be a file
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise MedkdError(f"{flag} {path}: {blocker} is a file, not a folder; choose another {flag}")
+    elif not path.parent.is_dir():
+        raise MedkdError(f"{flag} {path}: folder {path.parent} does not exist")
+    if not path.exists():
+        return path
+    if not force:
+        raise MedkdError(f"{path} already exists; pass --force to replace it, or {flag} elsewhere")
+    if not is_png(path):
+        raise MedkdError(
+            f"{path} exists and is not a PNG image: --force replaces only a PNG figure; choose another {flag}"
+        )
+    return path
+
+
+def is_png(path: str | os.PathLike) -> bool:
+    """Does the file start with the PNG signature (a figure medkd may replace)?"""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------- the ablation plot
 
 
 def _most_common(values: list[float]) -> float:

@@ -6,17 +6,30 @@ and `predictions.npz` (test labels and scores). While it trains, `last.pt` holds
 removed when the run finishes. A sweep trial that failed leaves `error.json`; one that ran on a
 launcher leaves `trial.json` (host, pid, job, start and end). Every file is written to a temporary name
 and renamed (`medkd.files.atomic_path`): a folder without `result.json` is a run that did not finish.
+
+A folder is medkd's when medkd marked it: `.medkd-run` (JSON: medkd version, created_utc, the config hash,
+and the pid and host of its latest writer) is written when medkd creates or claims a run folder. A folder
+of files medkd did not write is refused, with or without --force, so nothing of the user's is overwritten
+or deleted; run folders of a medkd before the marker count as medkd's (`_older_run_folder`). The marker is
+also the run folder's lock: the process writing the run holds an exclusive `flock` on it for the whole
+run, so a second writer is refused, and the OS lets go of it when the holder dies, however it dies.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import functools
 import hashlib
 import json
 import os
 import platform
+import socket
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +40,7 @@ import torchvision
 from medkd import __version__
 from medkd.config import ADDED_DEFAULTS, RUN_OPTIONS
 from medkd.errors import MedkdError, first_line
-from medkd.files import atomic_path, temporary_files, write_json
+from medkd.files import atomic_path, file_sha256, temporary_files, write_json
 
 RESULT = "result.json"
 CHECKPOINT = "best.pt"
@@ -37,6 +50,7 @@ ERROR = "error.json"
 TRIAL = "trial.json"
 SWEEP = "sweep.json"  # in a sweep's folder: its config and trial names
 PROFILE = "profile.json"  # `medkd profile RUN`: the student's size and speed on a named machine
+MARKER = ".medkd-run"  # medkd made or claimed this folder; its flock is held by the one process writing it
 RUN_FILES = (RESULT, CHECKPOINT, PREDICTIONS, EPOCH_CHECKPOINT, ERROR, TRIAL, PROFILE)
 # Any of these makes a folder a run folder (finished, unfinished or failed) for `medkd report`.
 RUN_MARKERS = (RESULT, CHECKPOINT, PREDICTIONS, ERROR)
@@ -67,6 +81,7 @@ class RunResult:
     augment: dict[str, Any] | None = None  # {"preset", "views": K stored views or None (on the fly)}
     data_sha256: dict[str, str] = field(default_factory=dict)
     dataset_sha256: str | None = None  # the sha256 of a custom dataset's file (None for a MedMNIST flag)
+    student_weights_sha256: str | None = None  # the sha256 of the --student-weights file it started from
     history: list[dict[str, Any]] = field(default_factory=list)
     epochs_run: int = 0
     best_epoch: int = 0
@@ -150,58 +165,371 @@ class RunResult:
 # ---------------------------------------------------------------- the config hash
 
 
-def config_hash(config: dict[str, Any], cache_fingerprint: str | tuple[str, ...] | None = None) -> str:
+def config_hash(
+    config: dict[str, Any],
+    cache_fingerprint: str | tuple[str, ...] | None = None,
+    data_sha256: dict[str, str] | None = None,
+    weights_sha256: str | None = None,
+) -> str:
     """A short fingerprint of what a run computes: its config without the options that steer output
-    (`medkd.config.RUN_OPTIONS`: out, force, quiet, data_dir, device, resume, download).
+    (`medkd.config.RUN_OPTIONS`: out, force, quiet, data_dir, device, resume, download), and what it learns
+    from, by content, not by path (`RunIdentity`).
 
     With a cache, pass its content fingerprint (`TeacherCache.fingerprint`), or all of them for several
     caches: a cache then counts by what it holds, not by its path, so a copy of the same cache elsewhere
-    is the same config, and several caches count as a set, in any order.
+    is the same config, and several caches count as a set, in any order. The fingerprint holds the data
+    the cache was built from (and a run refuses other data), so the split sha256s `data_sha256` count only
+    for a run without a cache. `weights_sha256`, the --student-weights file's sha256, stands for its path.
     """
-    return _hash(config, cache_fingerprint, RUN_OPTIONS)
+    return _hash(config, RunIdentity(cache_fingerprint, data_sha256, weights_sha256), RUN_OPTIONS)
 
 
-def legacy_config_hash(config: dict[str, Any], cache_fingerprint: str | tuple[str, ...] | None = None) -> str:
-    """The hash medkd 0.1 stored, which counted `download` too: only to accept its epoch checkpoints."""
-    return _hash(config, cache_fingerprint, tuple(k for k in RUN_OPTIONS if k != "download"))
-
-
-def _hash(
-    config: dict[str, Any], cache_fingerprint: str | tuple[str, ...] | None, skip: tuple[str, ...]
+def legacy_config_hash(
+    config: dict[str, Any],
+    cache_fingerprint: str | tuple[str, ...] | None = None,
+    data_sha256: dict[str, str] | None = None,
+    weights_sha256: str | None = None,
 ) -> str:
+    """The hash medkd 0.1 stored, which counted `download` too: only to accept its epoch checkpoints."""
+    identity = RunIdentity(cache_fingerprint, data_sha256, weights_sha256)
+    return _hash(config, identity, tuple(k for k in RUN_OPTIONS if k != "download"))
+
+
+def _hash(config: dict[str, Any], identity: RunIdentity, skip: tuple[str, ...]) -> str:
     relevant = {
         k: v
         for k, v in config.items()
         if k not in skip and not (k in ADDED_DEFAULTS and ADDED_DEFAULTS[k] == v)
     }
-    if config.get("cache") is not None and isinstance(cache_fingerprint, str):
-        relevant["cache"] = {"fingerprint": cache_fingerprint}
-    elif config.get("cache") is not None and cache_fingerprint is not None:
-        relevant["cache"] = {"fingerprints": sorted(cache_fingerprint)}
+    fingerprint = identity.fingerprint
+    if config.get("cache") is not None and isinstance(fingerprint, str):
+        relevant["cache"] = {"fingerprint": fingerprint}
+    elif config.get("cache") is not None and fingerprint is not None:
+        relevant["cache"] = {"fingerprints": sorted(fingerprint)}
+    elif config.get("cache") is None and identity.data_sha256:
+        relevant["data"] = {split: identity.data_sha256[split] for split in sorted(identity.data_sha256)}
+    if config.get("student_weights") is not None and identity.weights_sha256:
+        relevant["student_weights"] = {"sha256": identity.weights_sha256}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def same_experiment(result: RunResult, expected_hash: str) -> bool:
-    """Does this result come from the config with `expected_hash`? Recomputed from its stored config and
-    cache fingerprint, so results written under medkd 0.1's hash rule (which counted --download) match."""
-    return config_hash(result.config, result.fingerprint()) == expected_hash
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a run learns from beside its config, by content: the caches' fingerprint (a tuple for several;
+    None without), the data's split sha256s, the sha256 of the --student-weights file (None without).
+    Known once per sweep and shared by its trials; JSON-plain through `to_json` for engine workers."""
+
+    fingerprint: str | tuple[str, ...] | None = None
+    data_sha256: dict[str, str] | None = None
+    weights_sha256: str | None = None
+    # The caches' fingerprints as medkd hashed them before they counted the labels (`legacy_fingerprint`),
+    # so runs and checkpoints made then still count as this config.
+    legacy_fingerprint: str | tuple[str, ...] | None = None
+
+    def config_hash(self, config: dict[str, Any]) -> str:
+        return config_hash(config, self.fingerprint, self.data_sha256, self.weights_sha256)
+
+    def hashes(self, config: dict[str, Any]) -> tuple[str, ...]:
+        """The hashes a run or checkpoint of this config may carry: today's first, then medkd 0.1's (with
+        --download), and both again with the caches' legacy fingerprint."""
+        prints = [self.fingerprint]
+        if self.legacy_fingerprint is not None and self.legacy_fingerprint != self.fingerprint:
+            prints.append(self.legacy_fingerprint)
+        found = []
+        for p in prints:
+            found.append(config_hash(config, p, self.data_sha256, self.weights_sha256))
+            found.append(legacy_config_hash(config, p, self.data_sha256, self.weights_sha256))
+        return tuple(found)
+
+    def to_json(self) -> dict[str, Any]:
+        fingerprint = list(self.fingerprint) if isinstance(self.fingerprint, tuple) else self.fingerprint
+        legacy = self.legacy_fingerprint
+        return {
+            "fingerprint": fingerprint,
+            "data_sha256": self.data_sha256,
+            "weights_sha256": self.weights_sha256,
+            "legacy_fingerprint": list(legacy) if isinstance(legacy, tuple) else legacy,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunIdentity:
+        fingerprint, legacy = (
+            tuple(v) if isinstance(v, list) else v
+            for v in (data.get("fingerprint"), data.get("legacy_fingerprint"))
+        )
+        return cls(fingerprint, data.get("data_sha256"), data.get("weights_sha256"), legacy)
+
+
+def student_weights_sha256(path: str | os.PathLike | None) -> str | None:
+    """The sha256 of a --student-weights file (None without one, or when it is missing: the student's
+    build then says so); remembered per file version, as a sweep asks once per trial."""
+    if path is None or not Path(path).is_file():
+        return None
+    stat = Path(path).stat()
+    return _weights_sha256(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _weights_sha256(path: str, _mtime_ns: int, _size: int) -> str:
+    return file_sha256(path)
+
+
+def same_experiment(result: RunResult, expected_hash: str | tuple[str, ...]) -> bool:
+    """Does this result come from the config with `expected_hash`? Recomputed from its stored config, cache
+    fingerprint, data sha256s and student weights sha256, so results written under medkd 0.1's hash rule
+    (which counted --download) match. A result that started from --student-weights without the file's
+    sha256 (medkd before it counted the file) is another config: what it started from is not known."""
+    identity = RunIdentity(result.fingerprint(), result.data_sha256, result.student_weights_sha256)
+    expected = (expected_hash,) if isinstance(expected_hash, str) else expected_hash
+    return identity.config_hash(result.config) in expected
 
 
 # ---------------------------------------------------------------- the folder
 
 
+def foreign_files(run_dir: str | os.PathLike) -> list[str]:
+    """The files in `run_dir` that medkd did not write, by name: none when the folder is missing, holds no
+    files (subfolders aside), carries the marker, or is a run folder of a medkd before the marker."""
+    run_dir = Path(run_dir)
+    try:
+        names = sorted(e.name for e in os.scandir(run_dir) if not e.is_dir(follow_symlinks=False))
+    except OSError:  # missing, a file, or unreadable: making or writing the folder says what is wrong
+        return []
+    if not names or MARKER in names or _older_run_folder(run_dir, names):
+        return []
+    return names
+
+
+def check_run_dir(run_dir: str | os.PathLike) -> None:
+    """Refuse a folder that holds files medkd did not write (the user's, whatever their names)."""
+    names = foreign_files(run_dir)
+    if names:
+        shown = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+        raise MedkdError(
+            f"{run_dir} holds files medkd did not write ({shown}); give --out a new or empty folder"
+        )
+
+
+def _older_run_folder(run_dir: Path, names: list[str]) -> bool:
+    """A run folder of a medkd before the marker: its result.json, trial.json or error.json in medkd's
+    format, or an epoch checkpoint of medkd's (a killed run to resume)."""
+    signs = {
+        RESULT: lambda d: "medkd_result" in d,
+        TRIAL: lambda d: {"launcher", "started", "finished"} <= set(d),
+        ERROR: lambda d: {"error", "config"} <= set(d),
+    }
+    for name, looks_right in signs.items():
+        if name in names and looks_right(_json_object(run_dir / name)):
+            return True
+    return EPOCH_CHECKPOINT in names and checkpoint_hash(run_dir / EPOCH_CHECKPOINT) is not None
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class RunDirBusy(MedkdError):
+    """Another process holds the run folder's lock: it is writing that run now."""
+
+
+# The run folders this process holds, by real path, so a trial that claims its folder can call `distill`,
+# which claims it too. A flock belongs to one open file: a second open in this process would be refused.
+_CLAIMS: dict[str, _Claim] = {}
+
+
+@contextmanager
+def claim_run_dir(run_dir: str | os.PathLike, chash: str = "") -> Iterator[None]:
+    """Be `run_dir`'s one writer until the block ends: refuse a folder of files medkd did not write, make
+    the folder, and lock its marker (non-blocking: a folder another process writes is `RunDirBusy`, with
+    its pid). Re-entrant in one process. A block that fails having changed no other file in the folder
+    puts the marker back as it was (a marker it made is removed) and, if the run's work had not begun
+    (`prepare_run_dir`), removes the folders it made: bad input leaves the disk as it was."""
+    run_dir = Path(run_dir)
+    key = os.path.realpath(run_dir)
+    if key in _CLAIMS:
+        _CLAIMS[key].write(chash)
+        yield
+        return
+    check_run_dir(run_dir)
+    claim = _Claim.take(run_dir, chash)
+    _CLAIMS[key] = claim
+    try:
+        yield
+    except BaseException:
+        claim.undo_if_untouched()
+        raise
+    finally:
+        del _CLAIMS[key]
+        os.close(claim.fd)  # lets go of the lock
+
+
+@dataclass
+class _Claim:
+    run_dir: Path
+    fd: int  # the marker, opened and locked
+    made_dirs: list[Path]  # the folders the claim made, deepest first
+    old_marker: bytes | None  # the marker's content before the claim (None: the claim made it)
+    before: dict[str, tuple[int, int]]  # the folder's other files before the claim: name → (mtime_ns, size)
+    started: bool = False  # the run's work began (`prepare_run_dir`): its folder stays
+
+    @classmethod
+    def take(cls, run_dir: Path, chash: str) -> _Claim:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise MedkdError(
+                f"cannot create run folder {run_dir}: it is a file; give --out a new or empty folder"
+            )
+        before = _files(run_dir)
+        made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise MedkdError(f"cannot create run folder {run_dir}: {err.strerror}") from err
+        try:
+            fd, made_marker = _lock_marker(run_dir)
+        except BaseException:
+            _remove_dirs(made)
+            raise
+        claim = cls(run_dir, fd, made, None if made_marker else _read_all(fd), before)
+        claim.write(chash)
+        return claim
+
+    def write(self, chash: str) -> None:
+        """The marker's content: kept from its first writer (created_utc), else this process's. Written in
+        place under the lock, not renamed into place: a new file would carry no lock."""
+        try:
+            old = json.loads(_read_all(self.fd) or b"{}")
+        except ValueError:
+            old = {}
+        old = old if isinstance(old, dict) else {}
+        marker = {
+            "medkd_run": 1,
+            "medkd_version": __version__,
+            "created_utc": old.get("created_utc") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config_hash": chash or old.get("config_hash", ""),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        }
+        _write_all(self.fd, (json.dumps(marker, indent=2) + "\n").encode())
+
+    def undo_if_untouched(self) -> None:
+        """After a failure that changed no other file in the folder: the marker as it was (or gone, if the
+        claim made it), and before the run's work began, the folders the claim made gone too."""
+        if _files(self.run_dir) != self.before:
+            return
+        if self.old_marker is None:
+            (self.run_dir / MARKER).unlink(missing_ok=True)
+        else:
+            _write_all(self.fd, self.old_marker)
+        if not self.started:
+            _remove_dirs(self.made_dirs)
+
+
+def _read_all(fd: int) -> bytes:
+    return os.pread(fd, max(os.fstat(fd).st_size, 1), 0)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    """The folder's files but the marker: name → (mtime_ns, size)."""
+    try:
+        entries = [e for e in os.scandir(folder) if not e.is_dir(follow_symlinks=False) and e.name != MARKER]
+        return {e.name: (e.stat().st_mtime_ns, e.stat().st_size) for e in entries}
+    except OSError:
+        return {}
+
+
+def _remove_dirs(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first; one that is not empty now is someone's
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _lock_marker(run_dir: Path) -> tuple[int, bool]:
+    """Open the marker (made if missing) and lock it; (its file descriptor, whether it was made here)."""
+    path = run_dir / MARKER
+    while True:
+        try:
+            try:
+                fd, made = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+            except FileExistsError:
+                fd, made = os.open(path, os.O_RDWR), False
+        except FileNotFoundError:  # removed between the two opens (an undone claim): try again
+            continue
+        except OSError as err:
+            raise MedkdError(
+                f"run folder {run_dir} is not writable ({err.strerror}); --out elsewhere"
+            ) from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunDirBusy(
+                f"{run_dir} is being written by another medkd process ({marker_holder(run_dir)}); wait for "
+                f"it or --out elsewhere"
+            ) from None
+        except OSError:  # a file system without locks (some NFS and Lustre mounts): nothing to hold
+            pass
+        if _same_file(fd, path):
+            return fd, made
+        os.close(fd)  # the marker opened was taken away meanwhile (an undone claim): lock the new one
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
+
+
+def marker_holder(run_dir: str | os.PathLike) -> str:
+    """Who wrote the run folder last, from its marker: `pid N` (`on HOST` when another host)."""
+    marker = _json_object(Path(run_dir) / MARKER)
+    if "pid" not in marker:
+        return "pid unknown"
+    host = marker.get("host")
+    return f"pid {marker['pid']}" + (f" on {host}" if host and host != socket.gethostname() else "")
+
+
+def run_dir_busy(run_dir: str | os.PathLike) -> bool:
+    """Is another process writing `run_dir` now (holding its marker's lock)? A quick shared probe."""
+    if os.path.realpath(run_dir) in _CLAIMS:
+        return False
+    try:
+        fd = os.open(Path(run_dir) / MARKER, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
 def prepare_run_dir(run_dir: Path, force: bool) -> None:
-    """Create `run_dir`; refuse a finished run there unless `force` (unfinished leftovers are replaced)."""
+    """In a claimed run folder (`claim_run_dir`): refuse a finished run there unless `force`, and drop the
+    temporary files of killed writers (in medkd's own folder only: the user's are never touched)."""
+    assert os.path.realpath(run_dir) in _CLAIMS, f"{run_dir} is not claimed"
+    _CLAIMS[os.path.realpath(run_dir)].started = True
     if (run_dir / RESULT).exists() and not force:
         raise MedkdError(
             f"{run_dir} already holds a finished run; pass --force to overwrite or --out elsewhere"
         )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise MedkdError(f"cannot create run folder {run_dir}: {err.strerror}") from err
-    if not os.access(run_dir, os.W_OK):
-        raise MedkdError(f"run folder {run_dir} is not writable")
     # Temporary files of a killed writer are never renamed: they are ours to drop.
     for name in RUN_FILES:
         for leftover in temporary_files(run_dir, name):
@@ -249,8 +577,11 @@ def read_predictions(run_dir: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def write_error(run_dir: str | os.PathLike, config: dict[str, Any], err: BaseException) -> None:
-    """Record a trial's failure as `error.json` in its folder (made if need be); `medkd report` lists it."""
+    """Record a trial's failure as `error.json` in its folder (made if need be); `medkd report` lists it.
+    Not in a folder of files medkd did not write: the failure is then that folder's, and says so."""
     run_dir = Path(run_dir)
+    if foreign_files(run_dir):
+        return
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(
@@ -305,6 +636,18 @@ def load_checkpoint(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(stored, dict) or not isinstance(stored.get("model"), dict):
         raise MedkdError(f"{path} is not {what} (no 'model' state dict)")
     return stored
+
+
+def checkpoint_hash(path: Path) -> str | None:
+    """The config hash a medkd epoch checkpoint was saved under; None when `path` is not one (missing,
+    unreadable, someone else's). Maps the file instead of reading its tensors: cheap for a big model."""
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # torch raises many types for a file that is not its own; all mean "not one"
+        return None
+    if not isinstance(stored, dict) or not {"model", "loop"} <= set(stored):
+        return None
+    return str(stored.get("config_hash", ""))
 
 
 def versions() -> dict[str, str]:

@@ -259,8 +259,9 @@ def train_epochs(
     index, never by position; with an `augmentation` of stored views they are (N_train, K, C), looked up
     at the view each image is shown as. Several teachers' logits have a teacher axis before the last,
     (N_train, M, C) or (N_train, K, M, C), and `weighting` weighs them per image. `feature_kd` adds its
-    term to the loss. A NaN or inf loss raises `NonFiniteLossError` at the end of its epoch, before
-    anything of that epoch is yielded.
+    term to the loss. A last batch of one image is trained with the batch before it (BatchNorm cannot
+    train on one image at small sizes); the epoch's loss is still the mean over all its images. A NaN or
+    inf loss raises `NonFiniteLossError` at the end of its epoch, before anything of it is yielded.
     """
     if teacher_logits is not None and len(teacher_logits) != len(train):
         raise MedkdError(f"{len(teacher_logits)} teacher logits for {len(train)} training images")
@@ -275,7 +276,10 @@ def train_epochs(
         if augmentation is not None:
             views = functools.partial(augmentation.params_of, chosen=chosen, generator=loop.generator)
         weight_sums = []
-        for batch in train.batches(batch_size, view, shuffle=True, generator=loop.generator, views=views):
+        batches = train.batches(
+            batch_size, view, shuffle=True, generator=loop.generator, views=views, merge_single=True
+        )
+        for batch in batches:
             teacher = per_view(teacher_logits, batch.index, chosen) if teacher_logits is not None else None
             with autocast(train.device):
                 logits = model(batch.images)  # (B, C)

@@ -1,13 +1,17 @@
 """One idempotent trial, and the loop over trials that the local, Ray and Slurm launchers all run.
 
 A trial is a `DistillConfig` as a JSON-plain dict whose `out` is its run folder. What makes it safe to
-run more than once (retries, requeues, a rerun of the whole sweep) lives here: a trial whose folder
-already holds its result returns it; every file is written to a temporary name and renamed; a failure
-becomes `error.json` in its folder; the cache is opened by the process that runs the trial, read-only.
+run more than once (retries, requeues, a rerun of the whole sweep, two sweeps on one folder) lives here:
+a trial holds its folder's lock while it runs (`medkd.runs.claim_run_dir`), so a folder another process
+is writing is skipped, not trained twice; under the lock, a trial whose folder already holds its result
+returns it, and one killed mid-run resumes from its epoch checkpoint; every file is written to a
+temporary name and renamed; a failure becomes `error.json` in its folder; the cache is opened by the
+process that runs the trial, read-only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import shutil
@@ -18,20 +22,29 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from medkd.cache import TeacherCache, run_fingerprint
 from medkd.config import DistillConfig, cache_paths, to_dict
-from medkd.distill import distill
+from medkd.distill import Inputs, distill, load_inputs, resumable
 from medkd.errors import MedkdError
 from medkd.files import atomic_path, file_sha256
 from medkd.runs import (
+    CHECKPOINT,
+    EPOCH_CHECKPOINT,
     ERROR,
     RESULT,
+    RunDirBusy,
+    RunIdentity,
     RunResult,
-    config_hash,
+    claim_run_dir,
+    foreign_files,
+    marker_holder,
     read_error,
     read_result,
+    run_dir_busy,
     same_experiment,
+    student_weights_sha256,
     write_error,
     write_trial,
 )
@@ -51,22 +64,33 @@ def trial_config(config: dict[str, Any]) -> DistillConfig:
     return cfg
 
 
-def finished_result(config: dict[str, Any]) -> RunResult | None:
+def trial_identity(cfg: DistillConfig) -> RunIdentity:
+    """What a trial's config hash counts beside its config, read from the files: the caches' fingerprints,
+    the --student-weights file's sha256 and, for a trial without a cache (whose data no fingerprint holds),
+    the data's split sha256s, which loads the data. A sweep knows it once for all its trials instead."""
+    data = load_inputs(cfg).data_sha256 if not cache_paths(cfg.cache) else None
+    weights = student_weights_sha256(cfg.student_weights)
+    return RunIdentity(run_fingerprint(cfg.cache), data, weights, run_fingerprint(cfg.cache, legacy=True))
+
+
+def finished_result(config: dict[str, Any], identity: RunIdentity | None = None) -> RunResult | None:
     """The result of this trial if its folder already holds it; None if it has not finished.
 
-    A `result.json` of another config (or an unreadable one) is refused unless the trial has `force`.
+    `identity` is what the trial learns from (`trial_identity`, read from the files when not given). A
+    `result.json` of another config (or an unreadable one) is refused unless the trial has `force`.
     """
     cfg = trial_config(config)
     run_dir = Path(cfg.out)
     if not (run_dir / RESULT).exists():
         return None
-    expected = config_hash(to_dict(cfg), run_fingerprint(cfg.cache))
+    identity = identity or trial_identity(cfg)
+    expected = identity.config_hash(to_dict(cfg))
     try:
         result = read_result(run_dir)
     except MedkdError as err:
         result, stored = None, f"unreadable ({err})"
     else:
-        if same_experiment(result, expected):
+        if same_experiment(result, identity.hashes(to_dict(cfg))):
             return result
         stored = result.config_hash
     if cfg.force:
@@ -81,28 +105,61 @@ def run_trial(
     config: dict[str, Any],
     cache: TeacherCache | list[TeacherCache] | None = None,
     console: Console | None = None,
+    inputs: Inputs | None = None,
+    identity: RunIdentity | None = None,
 ) -> RunResult:
     """Run one trial unless its folder already holds its result; return the result.
 
     `cache` is the `TeacherCache` (or, for several caches, the list) already in memory (else `distill`
-    reads `config["cache"]`). A run that fails leaves `error.json` in its folder, which `medkd report`
-    lists, and raises.
+    reads `config["cache"]`); `inputs` the caches and data a sweep read once (`load_inputs`), `identity`
+    what it learns from. A folder another process is writing is `RunDirBusy`. A trial killed mid-run
+    resumes from its epoch checkpoint when that is of this config, else starts over. A run that fails
+    leaves `error.json` in its folder, which `medkd report` lists, and raises.
     """
+    return claimed_trial(config, cache, console, inputs, identity)[0]
+
+
+def claimed_trial(
+    config: dict[str, Any],
+    cache: TeacherCache | list[TeacherCache] | None,
+    console: Console | None,
+    inputs: Inputs | None,
+    identity: RunIdentity | None,
+    launcher: str | None = None,
+) -> tuple[RunResult, bool]:
+    """`run_trial` with whether it trained (False: the folder held its result); `launcher`: write
+    trial.json. The finished check, the resume and the training all happen under the folder's lock."""
     cfg = trial_config(config)
-    done = finished_result(config)
-    if done is not None:
-        return done
-    run_dir = Path(cfg.out)
-    (run_dir / ERROR).unlink(missing_ok=True)  # a retry: the old failure no longer describes the folder
-    try:
-        return distill(cfg, console=console, cache=cache)
-    except Exception as err:
-        write_error(run_dir, config, err)
-        raise
+    run_dir, started = Path(cfg.out), time.time()
+    with claim_run_dir(run_dir):
+        if identity is None and ((run_dir / RESULT).exists() or (run_dir / EPOCH_CHECKPOINT).exists()):
+            identity = inputs.identity(cfg) if inputs is not None else trial_identity(cfg)
+        done = finished_result(config, identity)
+        if done is not None:
+            return done, False
+        (run_dir / ERROR).unlink(missing_ok=True)  # a retry: the old failure no longer describes the folder
+        resume = identity is not None and resumable(run_dir, to_dict(cfg), identity)
+        if (run_dir / EPOCH_CHECKPOINT).exists() and not resume:
+            (console or Console(stderr=True, quiet=cfg.quiet)).print(
+                f"{escape(str(run_dir))}: its epoch checkpoint is of another config (or has no {CHECKPOINT} "
+                f"beside it), so the trial starts over",
+                soft_wrap=True,
+            )
+        try:
+            result = distill(
+                dataclasses.replace(cfg, resume=resume), console=console, cache=cache, inputs=inputs
+            )
+        except Exception as err:
+            write_error(run_dir, config, err)
+            raise
+        if launcher is not None:
+            write_trial(run_dir, trial_times(launcher, started))
+        return result, True
 
 
 def trial_status(config: dict[str, Any]) -> tuple[str, str]:
-    """("finished", metrics) or ("failed", reason) of a trial that was run, read from its folder.
+    """("finished", metrics), ("elsewhere", who) or ("failed", reason) of a trial that was run, read
+    from its folder; "elsewhere": another process is writing it now.
 
     The sweep refused foreign results before it started, so a result.json here is this trial's.
     """
@@ -111,14 +168,24 @@ def trial_status(config: dict[str, Any]) -> tuple[str, str]:
         result = read_result(run_dir)
     except MedkdError:
         reason = read_error(run_dir)
+        if reason is None and run_dir_busy(run_dir):
+            return "elsewhere", f"running elsewhere ({marker_holder(run_dir)})"
+        if reason is None and foreign_files(run_dir):
+            reason = f"{run_dir} holds files medkd did not write; give the trial a new or empty folder"
         return "failed", reason or "no result.json: the trial did not finish"
     return "finished", (
         f"val AUC {result.val['auc']:.4f}, test AUC {result.test['auc']:.4f} ACC {result.test['acc']:.4f}"
     )
 
 
-def trial_env(cache: str | tuple[str, ...] | None, launcher: str, stage_dir: str | None) -> dict[str, Any]:
-    """What every trial gets besides its config: the caches' absolute paths, and where to stage them."""
+def trial_env(
+    cache: str | tuple[str, ...] | None,
+    launcher: str,
+    stage_dir: str | None,
+    identity: RunIdentity | None = None,
+) -> dict[str, Any]:
+    """What every trial gets besides its config: the caches' absolute paths, where to stage them, and what
+    the trials learn from (`identity`, known once per sweep: workers then read no file to know it)."""
     paths = [str(Path(p).resolve()) for p in cache_paths(cache)]
     return {
         "caches": paths,
@@ -126,6 +193,7 @@ def trial_env(cache: str | tuple[str, ...] | None, launcher: str, stage_dir: str
         "cache_sha256": [file_sha256(p) for p in paths] if stage_dir and paths else None,
         "stage_dir": stage_dir if paths else None,
         "launcher": launcher,
+        "identity": identity.to_json() if identity is not None else None,
     }
 
 
@@ -133,19 +201,22 @@ def run_trials(
     configs: list[dict[str, Any]],
     env: dict[str, Any],
     console: Console | None = None,
-    on_done: Callable[[dict[str, Any], float], None] | None = None,
+    on_done: Callable[[dict[str, Any], float, str], None] | None = None,
+    inputs: Inputs | None = None,
 ) -> list[str]:
-    """Run trials one after another in this process; return "ran"/"done"/"failed" for each.
+    """Run trials one after another in this process; return "ran"/"done"/"failed"/"elsewhere" for each.
 
-    The local launcher calls this with all its trials, a Ray task or Slurm array task with its share.
-    The caches are opened (staged first with `stage_dir`) once, when the first trial that needs training
-    starts. No exception escapes: a failure is that trial's error.json. `on_done(config, seconds)` runs
-    after each trial.
+    The local launcher calls this with all its trials and the `inputs` it read once (every trial shares
+    them), a Ray task or Slurm array task with its share. Without `inputs` the caches are opened (staged
+    first with `stage_dir`) once, when the first trial that needs training starts. No exception escapes:
+    a failure is that trial's error.json; a trial whose folder another process is writing is skipped as
+    "elsewhere" (not a failure). `on_done(config, seconds, status)` runs after each trial.
     """
     opened: list[TeacherCache] = []
+    identity = RunIdentity.from_json(env["identity"]) if env.get("identity") else None
 
     def open_cache() -> TeacherCache | list[TeacherCache] | None:
-        if not env["caches"]:
+        if not env["caches"] or inputs is not None:
             return None
         if not opened:
             for i, path in enumerate(env["caches"]):
@@ -156,20 +227,21 @@ def run_trials(
 
     statuses = []
     for config in configs:
-        started, start = time.time(), time.perf_counter()
+        start = time.perf_counter()
         try:
-            if finished_result(config) is not None:  # a retry or requeue of a trial that finished
+            if finished_result(config, identity) is not None:  # a retry or requeue of a trial that finished
                 status = "done"
             else:
-                run_trial(config, cache=open_cache(), console=console)
-                write_trial(config["out"], trial_times(env["launcher"], started))
-                status = "ran"
+                _, trained = claimed_trial(config, open_cache(), console, inputs, identity, env["launcher"])
+                status = "ran" if trained else "done"  # "done": it finished elsewhere meanwhile
+        except RunDirBusy:
+            status = "elsewhere"
         except Exception as err:  # the trial's own failure: recorded in its folder, the others go on
             write_error(config["out"], config, err)
             status = "failed"
         statuses.append(status)
         if on_done is not None:
-            on_done(config, time.perf_counter() - start)
+            on_done(config, time.perf_counter() - start, status)
     return statuses
 
 
