@@ -23,6 +23,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -210,29 +212,24 @@ def write_cache(
     problem = _write_problem(attrs, splits, split_attrs, head, fold_heads or [])
     if problem:
         raise ValueError(f"refusing to write cache {path}: it {problem}")
-    try:
-        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-            _write_attrs(f, {"medkd_format": FORMAT_VERSION, **attrs})
-            for split in SPLITS:
-                group = f.create_group(split)
-                _write_split(group, splits[split])
-                _write_attrs(group, split_attrs[split])
-            if head is not None:
-                _write_head(f.create_group("head"), head)
-            for k, record in enumerate(fold_heads or []):
-                _write_head(f.create_group(f"heads/{k}"), record)
-    except OSError as err:  # the temporary file is gone already (atomic_path)
-        if not is_disk_full(err):
-            raise
-        needed = sum(
-            np.asarray(a).size * np.dtype(DTYPES[k]).itemsize for s in splits.values() for k, a in s.items()
-        )
-        raise disk_full_error(
-            path,
-            needed,
-            "free space (or pass --out on another disk) and rerun; cache-teacher keeps the "
-            "teacher's outputs in its partial file, so the rerun does not repeat the teacher pass",
-        ) from err
+    needed = sum(
+        np.asarray(a).size * np.dtype(DTYPES[k]).itemsize for s in splits.values() for k, a in s.items()
+    )
+    fix = (
+        "free space (or pass --out on another disk) and rerun; cache-teacher keeps the teacher's outputs in "
+        "its partial file, so the rerun does not repeat the teacher pass"
+    )
+    # Outermost, so atomic_path has removed the temporary file before the error becomes one line.
+    with disk_full_is_one_line(path, fix, needed), atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        _write_attrs(f, {"medkd_format": FORMAT_VERSION, **attrs})
+        for split in SPLITS:
+            group = f.create_group(split)
+            _write_split(group, splits[split])
+            _write_attrs(group, split_attrs[split])
+        if head is not None:
+            _write_head(f.create_group("head"), head)
+        for k, record in enumerate(fold_heads or []):
+            _write_head(f.create_group(f"heads/{k}"), record)
     return path
 
 
@@ -253,6 +250,18 @@ def disk_full_error(path: str | os.PathLike, needed: int | None, fix: str) -> Me
         free = "the free space is unknown"
     need = f"it needed about {needed:,} bytes and " if needed else ""
     return MedkdError(f"no space left on the device writing {path}: {need}{free} in {folder}; {fix}")
+
+
+@contextmanager
+def disk_full_is_one_line(path: str | os.PathLike, fix: str, needed: int | None = None) -> Iterator[None]:
+    """Turn a full disk while writing `path` into `disk_full_error` (`needed`: the bytes the write takes,
+    else what HDF5's message says); any other error passes as it is."""
+    try:
+        yield
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        raise disk_full_error(path, needed if needed is not None else write_size(err), fix) from err
 
 
 def write_size(err: OSError) -> int | None:

@@ -19,9 +19,11 @@ import torch.nn.functional as F
 
 # Dataset facts live in medkd.datasets (torch-free); these names stay importable from here.
 from medkd.datasets import (  # noqa: F401
+    MEMBERS,
     MULTILABEL,
     SPLITS,
     TASKS,
+    check_members,
     check_size,
     data_root,
     dataset_info,
@@ -32,6 +34,7 @@ from medkd.datasets import (  # noqa: F401
     is_custom,
     local_status,
     locate_dataset,
+    missing_dataset,
     npz_name,
     sizes_offered,
 )
@@ -40,7 +43,6 @@ from medkd.mapped import mapped_copy, member_shapes, memory_budget, release, sha
 from medkd.views import apply_views
 
 MAPPED_RELEASE_BATCHES = 256  # batches between letting a mapped split's read pages go
-MEMBERS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))  # what is read
 HASH_ROWS = 4096  # images a mapped split is hashed (and its pages let go) by: a few hundred MB at 224 px
 # MedMNIST's own training scripts normalise with mean 0.5, std 0.5 on every channel.
 MEDMNIST_MEAN = (0.5, 0.5, 0.5)
@@ -84,10 +86,7 @@ def dataset_file(
     if is_custom(dataset):
         path = Path(locate_dataset(dataset, root))
         if not path.is_file():
-            raise MedkdError(
-                f"dataset {path} not found; make it with `medkd import SOURCE --out {path.name}`, or give "
-                f"the path to an existing MedMNIST-format .npz"
-            )
+            raise missing_dataset(path)
         return path
     size = 28 if size is None else size
     dataset_info(dataset)
@@ -145,12 +144,7 @@ def load_arrays(
 
 def _check_members(path: Path, shapes: dict, info: dict) -> None:
     """The six arrays are there, and the facts name as many labels as the task needs; nothing is read."""
-    missing = [key for key in MEMBERS if key not in shapes]
-    if missing:
-        raise MedkdError(
-            f"{path}: missing key '{missing[0]}' (a MedMNIST file has train/val/test _images and _labels; "
-            f"found {', '.join(sorted(shapes))})"
-        )
+    check_members(path, shapes)
     task, n_labels = info["task"], len(info["label"])
     if n_labels < 2 or (task == "binary-class" and n_labels != 2):
         need = "exactly 2" if task == "binary-class" else "at least 2"
@@ -271,6 +265,15 @@ def prepare_images(x: torch.Tensor, view: View, params: torch.Tensor | None = No
     return torch.mul(x, 1 / std, out=out).add_(-mean / std)
 
 
+def batch_bounds(n: int, batch_size: int, merge_single: bool = False) -> list[tuple[int, int]]:
+    """The (start, end) rows of each batch over `n` images; `merge_single` joins a last batch of one image
+    to the batch before it (training: BatchNorm cannot normalise a single image whose feature map is 1×1)."""
+    starts = list(range(0, n, batch_size))
+    if merge_single and len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, [*starts[1:], n], strict=True))
+
+
 class DeviceSplit:
     """One split held as a single uint8 tensor on the training device; batches are index gathers.
 
@@ -308,15 +311,11 @@ class DeviceSplit:
         """Yield batches in order, or shuffled with `generator` (a CPU generator, so runs repeat); with
         `views`, each batch's images are the views (`medkd.views`) whose parameters `views(index)` gives.
 
-        `merge_single` joins a last batch of one image to the batch before it (training: BatchNorm cannot
-        normalise a single image whose feature map is 1×1)."""
+        `merge_single`: see `batch_bounds`."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         order = order.to(self.device)
-        starts = list(range(0, n, batch_size))
-        if merge_single and len(starts) > 1 and n - starts[-1] == 1:
-            starts.pop()
-        for step, (start, end) in enumerate(zip(starts, [*starts[1:], n], strict=True)):
+        for step, (start, end) in enumerate(batch_bounds(n, batch_size, merge_single)):
             idx = order[start:end]
             params = views(idx) if views is not None else None  # (B, P) or None
             yield Batch(idx, prepare_images(self.gather(idx), view, params), self.targets[idx])

@@ -21,6 +21,7 @@ from medkd.files import file_md5, file_sha256
 MULTILABEL = "multi-label, binary-class"
 TASKS = ("multi-class", "binary-class", "ordinal-regression", MULTILABEL)
 SPLITS = ("train", "val", "test")
+MEMBERS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))  # what is read
 CUSTOM_FORMAT = 1  # `medkd_dataset` of the NAME.json that `medkd import` writes
 MAKE_CUSTOM = "make one with `medkd import SOURCE --out NAME.npz`"
 
@@ -72,6 +73,24 @@ def dataset_info(dataset: str) -> dict:
     return _info()[dataset]
 
 
+def check_members(path: str | os.PathLike, shapes: dict) -> None:
+    """Refuse an .npz (`shapes`: `mapped.member_shapes`) without one of MedMNIST's six arrays."""
+    missing = [key for key in MEMBERS if key not in shapes]
+    if missing:
+        raise MedkdError(
+            f"{path}: missing key '{missing[0]}' (a MedMNIST file has train/val/test _images and _labels; "
+            f"found {', '.join(sorted(shapes))})"
+        )
+
+
+def missing_dataset(path: Path) -> MedkdError:
+    """The one line for a custom dataset file that is not there."""
+    return MedkdError(
+        f"dataset {path} not found; make one with `medkd import SOURCE --out {path.name}`, or give the path "
+        f"to an existing MedMNIST-format .npz"
+    )
+
+
 def facts_path(path: str | os.PathLike) -> Path:
     """Where a custom dataset's facts live: `NAME.json` beside `NAME.npz`."""
     return Path(path).with_suffix(".json")
@@ -84,7 +103,7 @@ def custom_info(path: str | os.PathLike) -> dict:
     if facts.is_file():
         return dict(_read_facts(str(facts), facts.stat().st_mtime_ns))
     if not path.is_file():
-        raise MedkdError(f"dataset {path} not found; {MAKE_CUSTOM}, or give the path to an existing .npz")
+        raise missing_dataset(path)
     info, note = _inferred_info(str(path), path.stat().st_mtime_ns)
     _note_once(note)
     return dict(info)
@@ -122,12 +141,7 @@ def _inferred_info(path: str, _mtime_ns: int) -> tuple[dict, str]:
     from medkd.mapped import member_shapes
 
     shapes = member_shapes(path)
-    missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in shapes]
-    if missing:
-        raise MedkdError(
-            f"{path}: missing key '{missing[0]}' (a MedMNIST file has train/val/test _images and _labels); "
-            f"{MAKE_CUSTOM}"
-        )
+    check_members(path, shapes)
     image_shape = shapes["train_images"][0]
     with np.load(path) as npz:  # only the label members are decompressed
         labels = [npz[f"{s}_labels"] for s in SPLITS]
@@ -163,7 +177,7 @@ def dataset_size(dataset: str, root: str | os.PathLike | None = None) -> int:
     """The image size of a custom file (its images are square; the npz header says, nothing decompressed)."""
     path = Path(locate_dataset(dataset, root))
     if not path.is_file():
-        raise MedkdError(f"dataset {path} not found; {MAKE_CUSTOM}, or give the path to an existing .npz")
+        raise missing_dataset(path)
     from medkd.mapped import member_shapes
 
     shapes = member_shapes(path)

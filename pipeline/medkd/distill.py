@@ -21,7 +21,16 @@ from torch import nn
 
 from medkd.cache import TeacherCache, data_difference, joint_fingerprint
 from medkd.config import DistillConfig, cache_paths, path_safe, short_number, to_dict
-from medkd.data import SPLITS, DeviceSplit, View, data_sha256, dataset_info, load_arrays, num_outputs
+from medkd.data import (
+    SPLITS,
+    DeviceSplit,
+    View,
+    batch_bounds,
+    data_sha256,
+    dataset_info,
+    load_arrays,
+    num_outputs,
+)
 from medkd.datasets import dataset_name, dataset_sha256, is_custom, locate_dataset, same_dataset
 from medkd.errors import MedkdError
 from medkd.metrics import BestEpoch
@@ -535,9 +544,8 @@ def train_run(
     `extras` are `train_epochs`' augmentation, feature_kd and weighting; `trackers` see every epoch."""
     extras = extras or {}
     trackers = trackers or Trackers()
-    n = len(splits["train"])
-    # A last batch of one image joins the batch before it (BatchNorm cannot train on one image).
-    steps_per_epoch = n // cfg.batch_size if n % cfg.batch_size == 1 and n > 1 else -(-n // cfg.batch_size)
+    # The batches `train_epochs` takes (a last batch of one image joins the batch before it).
+    steps_per_epoch = len(batch_bounds(len(splits["train"]), cfg.batch_size, merge_single=True))
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"))
     with Progress(
         *columns, TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=cfg.quiet

@@ -14,7 +14,14 @@ import h5py
 import numpy as np
 import torch
 
-from medkd.cache import cache_fingerprint, disk_full_error, is_disk_full, tokens_path, write_size
+from medkd.cache import (
+    cache_fingerprint,
+    disk_full_error,
+    disk_full_is_one_line,
+    is_disk_full,
+    tokens_path,
+    write_size,
+)
 from medkd.errors import MedkdError
 
 TOKEN_CHUNK_BYTES = 1 << 18  # HDF5 chunks of whole token rows, about this size: a minibatch reads few
@@ -44,13 +51,8 @@ def views_partial_path(out: str | os.PathLike) -> Path:
 
 def keep_tokens(partial: str | os.PathLike, cache: str | os.PathLike) -> Path:
     """Make the finished tokens partial file the kept tokens of `cache`, marked with its fingerprint."""
-    try:
-        with h5py.File(partial, "a") as f:
-            f.attrs["cache_fingerprint"] = cache_fingerprint(cache)
-    except OSError as err:
-        if is_disk_full(err):
-            raise disk_full_error(partial, write_size(err), RESUME) from err
-        raise
+    with disk_full_is_one_line(partial, RESUME), h5py.File(partial, "a") as f:
+        f.attrs["cache_fingerprint"] = cache_fingerprint(cache)
     kept = tokens_path(cache)
     os.replace(partial, kept)
     return kept
@@ -176,12 +178,8 @@ class PartialOutputs:
             blocks.append((self.file, f"logits_{split}", np.asarray(logits, dtype=np.float32)))
         blocks.append((self.file, split, np.asarray(features, dtype=np.float32)))  # last: it marks the rows
         for f, name, block in blocks:
-            try:
+            with disk_full_is_one_line(f.filename, RESUME, block.nbytes):
                 _write_rows(f, name, n, start, block)
-            except OSError as err:
-                if is_disk_full(err):
-                    raise disk_full_error(f.filename, block.nbytes, RESUME) from err
-                raise
 
     def read(self, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`(features, logits or None)` of a finished split, float32."""

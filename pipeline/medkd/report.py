@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from medkd.datasets import dataset_name
-from medkd.errors import MedkdError, first_line
+from medkd.errors import MedkdError
 from medkd.plots import check_png_out, plot_ablation
 from medkd.runs import CHECKPOINT, ERROR, PREDICTIONS, RESULT, RUN_MARKERS, RunResult, read_error, read_result
 
@@ -71,7 +70,7 @@ def collect_runs(runs_dir: str | Path) -> tuple[list[RunResult], list[dict[str, 
     for folder in folders:
         if (folder / RESULT).is_file():
             try:
-                result = _read_usable(folder)
+                result = read_result(folder)
             except MedkdError as err:
                 problems.append({"run_dir": str(folder), "status": "broken", "reason": str(err)})
                 continue
@@ -85,88 +84,6 @@ def collect_runs(runs_dir: str | Path) -> tuple[list[RunResult], list[dict[str, 
             reason = f"{present} but no {RESULT}: killed, or still running"
             problems.append({"run_dir": str(folder), "status": "incomplete", "reason": reason})
     return results, problems
-
-
-# What the report reads of a result, and the JSON types it must have: a result.json that is valid JSON of
-# another shape ({"config": 5}, a metric "x") makes its run broken, not the whole report a traceback.
-NUMBER, TEXT, WHOLE, NONE = (int, float), (str,), (int,), (type(None),)
-RESULT_TYPES = {
-    "config": (dict,), "dataset": TEXT, "size": WHOLE, "val": (dict,), "test": (dict,),
-    "student_size": WHOLE + NONE, "teacher": (dict, *NONE), "teachers": (list, *NONE),
-    "teacher_weighting": TEXT + NONE, "augment": (dict, *NONE), "data_sha256": (dict,),
-    "epochs_run": WHOLE + NONE, "best_epoch": WHOLE + NONE, "wall_seconds": NUMBER,
-}  # fmt: skip
-CONFIG_TYPES = {
-    "student": TEXT, "alpha": NUMBER, "temperature": NUMBER, "lr": NUMBER, "seed": WHOLE,
-    "epochs": WHOLE + NONE, "batch_size": WHOLE + NONE, "milestones": (list, *NONE), "patience": WHOLE + NONE,
-    "interpolation": TEXT + NONE, "student_weights": TEXT + NONE, "feature_weight": NUMBER + NONE,
-}  # fmt: skip
-METRIC_TYPES = {"auc": NUMBER, "acc": NUMBER}
-TEACHER_TYPES = {
-    "teacher": TEXT + NONE, "teacher_input_size": WHOLE + NONE, "weights_sha256": TEXT + NONE,
-    "cache": TEXT + NONE, "test_auc": NUMBER, "test_acc": NUMBER,
-}  # fmt: skip
-AUGMENT_TYPES = {"preset": TEXT, "views": WHOLE + NONE}
-TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}
-
-
-def _read_usable(folder: Path) -> RunResult:
-    """`read_result`, then the types the report reads: any result it cannot use is one `MedkdError` line."""
-    path = folder / RESULT
-    try:
-        result = read_result(folder)
-    except (TypeError, ValueError, KeyError, AttributeError) as err:  # valid JSON that from_json trips on
-        data = json.loads(path.read_text())  # it parsed a moment ago: name the key that is wrong
-        config = data.get("config") if isinstance(data, dict) else None
-        problem = (
-            _fields_problem(data, RESULT_TYPES, "")
-            or _fields_problem(config if isinstance(config, dict) else {}, CONFIG_TYPES, "config.")
-            or f"not a medkd result of the expected shape ({first_line(err)})"
-        )
-    else:
-        problem = _type_problem(result)
-        if problem is None:
-            return result
-    raise MedkdError(f"{path}: {problem}; rerun the run with `medkd distill --force`")
-
-
-def _wrong(value: Any, kinds: tuple[type, ...]) -> bool:
-    return not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
-
-
-def _fields_problem(values: dict[str, Any], types: dict[str, tuple[type, ...]], where: str) -> str | None:
-    """The first present key of `values` whose value is not of its type in `types`, as a phrase."""
-    for key, kinds in types.items():
-        if key in values and _wrong(values[key], kinds):
-            names = " or ".join(TYPE_NAMES.get(k, "null") for k in kinds if not (k is int and float in kinds))
-            return f"{where}{key} must be {names}, got {repr(values[key])[:60]}"
-    return None
-
-
-def _type_problem(result: RunResult) -> str | None:
-    """What in `result` the report cannot read (a key of the wrong JSON type), or None."""
-    problem = _fields_problem(vars(result), RESULT_TYPES, "")
-    if problem:
-        return problem
-    nested = [(result.config, CONFIG_TYPES, "config."), (result.augment or {}, AUGMENT_TYPES, "augment.")]
-    nested += [(getattr(result, split), METRIC_TYPES, f"{split}.") for split in ("val", "test")]
-    teachers = result.teacher_summaries()
-    if any(not isinstance(t, dict) for t in teachers):
-        return "teachers must be a list of objects"
-    nested += [(t, TEACHER_TYPES, "teacher.") for t in teachers]
-    for values, types, where in nested:
-        problem = _fields_problem(values, types, where)
-        if problem:
-            return problem
-    if any(("test_auc" in t) != ("test_acc" in t) for t in teachers):
-        return "a teacher holds test_auc without test_acc, or test_acc without test_auc"
-    if result.teachers and any(not isinstance(t.get("teacher"), str) for t in teachers):
-        return "each of teachers must name its teacher (a string)"
-    if any(_wrong(v, TEXT) for v in result.data_sha256.values()):
-        return "data_sha256 must map splits to strings"
-    if any(_wrong(m, WHOLE) for m in result.config.get("milestones") or ()):
-        return "config.milestones must be a list of integers"
-    return None
 
 
 # ---------------------------------------------------------------- grouping over seeds

@@ -58,6 +58,31 @@ RUN_MARKERS = (RESULT, CHECKPOINT, PREDICTIONS, ERROR)
 # to the top level; it reads as 2.
 RESULT_FORMAT = 2
 LEGACY_COPIES = ("student", "alpha", "temperature", "lr", "seed")
+RERUN = "rerun the run with `medkd distill --force`"
+
+
+# What readers of a result use (report, sweeps, --resume), and the JSON types it must have: a result.json
+# that is valid JSON of another shape ({"config": 5}, a metric "x") is one line, not a traceback where the
+# value is first used.
+NUMBER, TEXT, WHOLE, NONE = (int, float), (str,), (int,), (type(None),)
+RESULT_TYPES = {
+    "config": (dict,), "dataset": TEXT, "size": WHOLE, "val": (dict,), "test": (dict,),
+    "student_size": WHOLE + NONE, "teacher": (dict, *NONE), "teachers": (list, *NONE),
+    "teacher_weighting": TEXT + NONE, "augment": (dict, *NONE), "data_sha256": (dict,),
+    "epochs_run": WHOLE + NONE, "best_epoch": WHOLE + NONE, "wall_seconds": NUMBER,
+}  # fmt: skip
+CONFIG_TYPES = {
+    "student": TEXT, "alpha": NUMBER, "temperature": NUMBER, "lr": NUMBER, "seed": WHOLE,
+    "epochs": WHOLE + NONE, "batch_size": WHOLE + NONE, "milestones": (list, *NONE), "patience": WHOLE + NONE,
+    "interpolation": TEXT + NONE, "student_weights": TEXT + NONE, "feature_weight": NUMBER + NONE,
+}  # fmt: skip
+METRIC_TYPES = {"auc": NUMBER, "acc": NUMBER}
+TEACHER_TYPES = {
+    "teacher": TEXT + NONE, "teacher_input_size": WHOLE + NONE, "weights_sha256": TEXT + NONE,
+    "cache": TEXT + NONE, "test_auc": NUMBER, "test_acc": NUMBER,
+}  # fmt: skip
+AUGMENT_TYPES = {"preset": TEXT, "views": WHOLE + NONE}
+TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}
 
 
 @dataclass
@@ -127,14 +152,34 @@ class RunResult:
 
     @classmethod
     def from_json(cls, data: Any, where: str | os.PathLike) -> RunResult:
-        """Check a parsed result.json (format 1 or 2); a file that is not one is one line naming the gap."""
+        """Check a parsed result.json (format 1 or 2): its keys, and the JSON types of what readers use; a
+        file that is not one is one line naming the gap."""
         if not isinstance(data, dict) or "medkd_result" not in data:
             raise MedkdError(f"{where} is not a medkd result (no 'medkd_result' key)")
         if data["medkd_result"] not in (1, RESULT_FORMAT):
             raise MedkdError(
                 f"{where} has result format {data['medkd_result']}; this medkd reads 1 and {RESULT_FORMAT}: "
-                f"upgrade medkd, or rerun the run with `medkd distill --force`"
+                f"upgrade medkd, or {RERUN}"
             )
+        try:
+            result = cls._checked(data, where)
+        except (TypeError, ValueError, KeyError, AttributeError) as err:  # a shape no rule below names
+            raise MedkdError(
+                f"{where}: not a medkd result of the expected shape ({first_line(err)})"
+            ) from err
+        problem = _type_problem(result)
+        if problem:
+            raise MedkdError(f"{where}: {problem}; {RERUN}")
+        return result
+
+    @classmethod
+    def _checked(cls, data: dict[str, Any], where: str | os.PathLike) -> RunResult:
+        config = data.get("config")
+        problem = _fields_problem(data, RESULT_TYPES, "") or _fields_problem(
+            config if isinstance(config, dict) else {}, CONFIG_TYPES, "config."
+        )
+        if problem:
+            raise MedkdError(f"{where}: {problem}; {RERUN}")
         known = {f.name for f in dataclasses.fields(cls)}
         required = [
             f.name
@@ -142,7 +187,6 @@ class RunResult:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         ]
         missing = [k for k in required if k not in data]
-        config = data.get("config")
         if isinstance(config, dict):
             missing += [k for k in LEGACY_COPIES if k not in config]
         if missing:
@@ -160,6 +204,45 @@ class RunResult:
         values["medkd_result"] = RESULT_FORMAT
         values.setdefault("baseline", float(config["alpha"]) == 1.0)
         return cls(**values)
+
+
+def _wrong(value: Any, kinds: tuple[type, ...]) -> bool:
+    return not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+
+
+def _fields_problem(values: dict[str, Any], types: dict[str, tuple[type, ...]], where: str) -> str | None:
+    """The first present key of `values` whose value is not of its type in `types`, as a phrase."""
+    for key, kinds in types.items():
+        if key in values and _wrong(values[key], kinds):
+            names = " or ".join(TYPE_NAMES.get(k, "null") for k in kinds if not (k is int and float in kinds))
+            return f"{where}{key} must be {names}, got {repr(values[key])[:60]}"
+    return None
+
+
+def _type_problem(result: RunResult) -> str | None:
+    """What in `result` the report cannot read (a key of the wrong JSON type), or None."""
+    problem = _fields_problem(vars(result), RESULT_TYPES, "")
+    if problem:
+        return problem
+    nested = [(result.config, CONFIG_TYPES, "config."), (result.augment or {}, AUGMENT_TYPES, "augment.")]
+    nested += [(getattr(result, split), METRIC_TYPES, f"{split}.") for split in ("val", "test")]
+    teachers = result.teacher_summaries()
+    if any(not isinstance(t, dict) for t in teachers):
+        return "teachers must be a list of objects"
+    nested += [(t, TEACHER_TYPES, "teacher.") for t in teachers]
+    for values, types, where in nested:
+        problem = _fields_problem(values, types, where)
+        if problem:
+            return problem
+    if any(("test_auc" in t) != ("test_acc" in t) for t in teachers):
+        return "a teacher holds test_auc without test_acc, or test_acc without test_auc"
+    if result.teachers and any(not isinstance(t.get("teacher"), str) for t in teachers):
+        return "each of teachers must name its teacher (a string)"
+    if any(_wrong(v, TEXT) for v in result.data_sha256.values()):
+        return "data_sha256 must map splits to strings"
+    if any(_wrong(m, WHOLE) for m in result.config.get("milestones") or ()):
+        return "config.milestones must be a list of integers"
+    return None
 
 
 # ---------------------------------------------------------------- the config hash

@@ -84,20 +84,20 @@ def finished_result(config: dict[str, Any], identity: RunIdentity | None = None)
     if not (run_dir / RESULT).exists():
         return None
     identity = identity or trial_identity(cfg)
-    expected = identity.config_hash(to_dict(cfg))
+    hashes = identity.hashes(to_dict(cfg))  # today's first
     try:
         result = read_result(run_dir)
     except MedkdError as err:
         result, stored = None, f"unreadable ({err})"
     else:
-        if same_experiment(result, identity.hashes(to_dict(cfg))):
+        if same_experiment(result, hashes):
             return result
         stored = result.config_hash
     if cfg.force:
         return None
     raise MedkdError(
         f"{run_dir / RESULT} holds a run of another config (hash {stored}, this trial "
-        f"{expected}); pass --force to retrain it, or --out elsewhere"
+        f"{hashes[0]}); pass --force to retrain it, or --out elsewhere"
     )
 
 
