@@ -84,6 +84,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="steps per variant per round")
     parser.add_argument("--teacher-size", type=int, default=224, help="tiny teacher's input size (px)")
     parser.add_argument("--vit-size", type=int, default=112, help="ViT-S/14 input size (px); 0 skips it")
+    parser.add_argument(
+        "--compile", action="store_true", help="also CE and KD-from-cache with torch.compile'd students"
+    )
     # Many single-step rounds: the median then sees each variant under many states of the machine's load.
     args = parse_step_args(parser)
     if args.quick:
@@ -102,11 +105,15 @@ def main() -> None:
     }
     if args.vit_size:
         teachers[f"online_vits14_{args.vit_size}"] = online_teacher(vit_s14(args.vit_size), n_out)
+    if args.compile:  # compiled once in the untimed warm-up round
+        teachers |= {"ce_compiled": None, "kd_cache_compiled": None}
 
     def variant(name: str) -> Callable[[], float | None]:
         model = copy.deepcopy(base).train()  # the same initial student for every variant
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         teacher = teachers[name]
+        if name.endswith("_compiled"):
+            model, name = torch.compile(model), name.removesuffix("_compiled")
         cursor = itertools.count()
 
         def run() -> None:
@@ -155,6 +162,9 @@ def main() -> None:
         f"KD-from-cache extra per step (gather + KL, fwd+bwd, isolated): {extra * 1e6:.0f} us "
         f"= {extra / per_step['ce']:.3%} of a CE step"
     )
+    if args.compile:
+        for name in ("ce", "kd_cache"):
+            print(f"{name}_compiled / {name} = {per_step[name + '_compiled'] / per_step[name]:.3f}")
     kd = per_step["kd_cache"] / per_step["ce"]
     ratio_line("kd_cache / ce (time per step)", kd, "<= 1.03", kd <= 1.03)
 

@@ -86,8 +86,9 @@ def test_deployed_module_is_prepare_images_then_the_student(runs, synthetic_root
     # The wrapper's own arithmetic against the training path it replaces, on RGB data resized 28 → 20.
     run = load_trained_run(runs["pathmnist"])
     images, _ = load_medmnist("pathmnist", "test", 28, synthetic_root)
-    view = View(20, interpolation="bicubic")
     module = deployed_student(run)
+    assert module.rounded  # a run of this medkd rounds its resized images to 8 bits (View.rounded)
+    view = View(20, interpolation="bicubic", rounded=True)
     module.size, module.resize = 20, True
     with torch.inference_mode():
         expected = run.model(prepare_images(torch.from_numpy(images), view))

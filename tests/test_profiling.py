@@ -137,10 +137,12 @@ def test_an_exported_run_adds_its_onnx_row(exported_dir):
     assert exported.input_shape == (1, 28, 28)  # what a deployed model takes: gray images at the data's size
     assert exported.latency_batch == 1 and exported.batch_size == 2 and exported.threads == 1
     # The exporter folds each BatchNorm into its convolution (γ, β → one bias per channel); the model
-    # gains the normalisation's scale and shift (1, 3, 1, 1) and the two bounds of the resize's clamp.
-    model = load_trained_run(exported_dir).model
-    batchnorm = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
-    assert exported.parameters == student.parameters - batchnorm + 2 * 3 + 2
+    # gains the normalisation's scale and shift (1, 3, 1, 1), the two bounds of the resize's clamp and
+    # the 255 of its rounding to 8 bits (View.rounded).
+    run = load_trained_run(exported_dir)
+    assert run.result.rounded
+    batchnorm = sum(m.num_features for m in run.model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert exported.parameters == student.parameters - batchnorm + 2 * 3 + 2 + 1
     (alone,) = profile_target(str(exported_dir / EXPORT_NAMES["onnx"]), **FAST)
     assert alone.parameters == exported.parameters and alone.input_shape == exported.input_shape
 

@@ -43,7 +43,7 @@ else:  # pragma: no cover
 # Options that steer where and how a run reports, not what it computes: left out of the config hash.
 RUN_OPTIONS = (
     "out", "force", "quiet", "data_dir", "device", "resume", "download",
-    "max_memory_gb", "tensorboard", "mlflow",
+    "max_memory_gb", "tensorboard", "mlflow", "threads", "compile",
 )  # fmt: skip
 # Distill options added after runs existed, with the value those runs implied: at that value they stay
 # out of the config hash, so a finished run keeps its hash (sweeps skip it, --resume finds it).
@@ -57,6 +57,7 @@ ADDED_DEFAULTS = {
     "feature_weight": 0.0,
     "teacher_weighting": "mean",
     "gate_entropy": 0.1,
+    "eval_every": 1,
 }
 
 
@@ -333,6 +334,7 @@ class DistillConfig:
     schedule: str = "multistep"
     warmup_epochs: int = 0
     patience: int | None = None
+    eval_every: int = 1  # validate every N epochs (and after the last); best epoch and patience count these
     # None: a multi-view cache's preset (else no augmentation); a preset: drawn on the fly for a run
     # without teacher logits, and checked against a multi-view cache's for one with them
     augment: str | None = None
@@ -347,6 +349,8 @@ class DistillConfig:
     tensorboard: str | None = None  # a folder for TensorBoard event files (None: off)
     mlflow: str | None = None  # an MLflow tracking URI ("": MLflow's default; None: off)
     device: str = "auto"
+    threads: int = 0  # torch intra-op threads (0: torch's default, one per core)
+    compile: bool = False  # torch.compile the student (see docs/performance.md for where it pays)
     seed: int = 0
     force: bool = False
     quiet: bool = False
@@ -389,6 +393,8 @@ class DistillConfig:
             f"--student-size must be >= 8 pixels, got {self.student_size}",
         )
         _check(self.patience is None or self.patience >= 1, f"--patience must be >= 1, got {self.patience}")
+        _check(self.eval_every >= 1, f"--eval-every must be >= 1 (1: every epoch), got {self.eval_every}")
+        _check(self.threads >= 0, f"--threads must be >= 0 (0: torch's default), got {self.threads}")
         _check_views(self.augment, self.views, self.feature_weight, self.cache)
         _check_weighting(self.teacher_weighting, self.gate_entropy, self.cache)
         _check(
@@ -574,6 +580,7 @@ class SweepConfig:
     schedule: str = "multistep"
     warmup_epochs: int = 0
     patience: int | None = None
+    eval_every: int = 1
     augment: str | None = None
     views: int | None = None
     feature_weight: float = 0.0
@@ -586,6 +593,8 @@ class SweepConfig:
     tensorboard: str | None = None
     mlflow: str | None = None
     device: str = "auto"
+    threads: int = 0
+    compile: bool = False
     force: bool = False
     quiet: bool = False
 

@@ -5,6 +5,7 @@ Dataset facts (task, labels, split sizes, URLs, MD5s) come from `medmnist.INFO`;
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import warnings
@@ -43,6 +44,7 @@ from medkd.mapped import mapped_copy, member_shapes, memory_budget, release, sha
 from medkd.views import apply_views
 
 MAPPED_RELEASE_BATCHES = 256  # batches between letting a mapped split's read pages go
+RESIZE_ROWS = 512  # images resized at a time by `DeviceSplit.at_size`: ~100 MB of float32 at 224 px
 HASH_ROWS = 4096  # images a mapped split is hashed (and its pages let go) by: a few hundred MB at 224 px
 # MedMNIST's own training scripts normalise with mean 0.5, std 0.5 on every channel.
 MEDMNIST_MEAN = (0.5, 0.5, 0.5)
@@ -224,45 +226,86 @@ def data_sha256(images: np.ndarray, labels: np.ndarray) -> str:
 
 @dataclass(frozen=True)
 class View:
-    """How a model sees images: square size, per-channel mean/std, resize mode, memory format."""
+    """How a model sees images: square size, per-channel mean/std, resize mode, memory format.
+
+    `gray`: a grayscale image stays one channel, (B, 1, S, S), when mean and std are the same on every
+    channel (the model's first convolution sums its weights over the three input channels instead,
+    `medkd.students.accept_one_channel`): a third of the bytes, the same numbers. `rounded`: a resized
+    image is rounded to 8 bits, as a stored image at the model's size would be, so a split resized once
+    (`DeviceSplit.at_size`) and one resized batch by batch give the model the same input.
+    """
 
     size: int
     mean: tuple[float, float, float] = MEDMNIST_MEAN
     std: tuple[float, float, float] = MEDMNIST_STD
     interpolation: str = "bicubic"
     channels_last: bool = False
+    gray: bool = False
+    rounded: bool = False
+
+    def channels(self, source_channels: int) -> int:
+        """Channels of the model input made from images of `source_channels`."""
+        same = len(set(self.mean)) == 1 and len(set(self.std)) == 1
+        return 1 if source_channels == 1 and self.gray and same else 3
 
 
 class Batch(NamedTuple):
     index: torch.Tensor  # (B,) int64 dataset indices: stage two looks teacher logits up by them
-    images: torch.Tensor  # (B, 3, S, S) float, normalised
+    images: torch.Tensor  # (B, 3, S, S) float, normalised ((B, 1, S, S) for grayscale with `View.gray`)
     targets: torch.Tensor  # (B,) int64 class, or (B, L) float for multi-label
 
 
+def resize_images(x: torch.Tensor, view: View) -> torch.Tensor:
+    """Float images (B, C, H, W) in [0, 1] at `view.size`: antialiased (bilinear, bicubic) and clamped
+    (bicubic overshoots; PIL clamps too)."""
+    antialias = view.interpolation in ("bilinear", "bicubic")
+    x = F.interpolate(x, size=(view.size, view.size), mode=view.interpolation, antialias=antialias)
+    return x.clamp_(0, 1)
+
+
 def prepare_images(x: torch.Tensor, view: View, params: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 (B, H, W) or (B, H, W, 3) on the device → normalised float (B, 3, S, S) on the same device.
+    """uint8 (B, H, W) or (B, H, W, 3) on the device → normalised float (B, 3, S, S) on the same device
+    ((B, 1, S, S) for grayscale with `view.gray`).
 
     With `params` (B, P), each image is first turned into its augmented view (`medkd.views`) at its own
     size, so a view's row gives the same view at every model size.
     """
     if x.dim() == 3:
         x = x.unsqueeze(-1)
-    x = x.permute(0, 3, 1, 2).float().div_(255)  # (B, C, H, W)
+    channels = view.channels(x.shape[-1])
+    layout = torch.channels_last if view.channels_last else torch.contiguous_format
+    out = torch.empty((len(x), channels, view.size, view.size), device=x.device, memory_format=layout)
+    x = x.permute(0, 3, 1, 2)  # (B, C, H, W), a view of the uint8 batch
+    if params is None and x.shape[-1] == view.size:
+        # Already at the model's size (or resized once, `DeviceSplit.at_size`): the uint8 batch goes to
+        # its normalised float output in one pass, with no [0, 1] copy between.
+        return normalise(x, view, channels, 255, out)
+    x = x.float().div_(255)
     if params is not None:
+        # Warped at the source's size (a few hundred pixels), then resized: the plain view stays the
+        # image itself, bit for bit, which one bicubic grid_sample at the model's size would not be (its
+        # kernel is a = −0.75, PIL's and the antialiased resize's a = −0.5).
         x = apply_views(x, params)
     if x.shape[-1] != view.size:
-        antialias = view.interpolation in ("bilinear", "bicubic")
-        x = F.interpolate(x, size=(view.size, view.size), mode=view.interpolation, antialias=antialias)
-        x = x.clamp_(0, 1)  # bicubic overshoots; PIL clamps too
-    mean = torch.tensor(view.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(view.std, device=x.device).view(1, 3, 1, 1)
-    # x·(1/std) − mean/std, written straight into an output of the layout asked for: the multiply
-    # broadcasts grayscale to RGB after the resize (a third of the resize work), and no temporary or
-    # re-layout copy of the output (600 KB an image at 224 px) is made. Faster than (x − mean) / std then
-    # .contiguous() at every size timed: ~1.3x at 224 px, 2-3x for RGB (permuted, hence channels_last).
-    layout = torch.channels_last if view.channels_last else torch.contiguous_format
-    out = torch.empty((len(x), 3, view.size, view.size), device=x.device, memory_format=layout)
-    return torch.mul(x, 1 / std, out=out).add_(-mean / std)
+        x = resize_images(x, view)
+        if view.rounded:  # grey levels 0…255, normalised as the uint8 path above does: the same bits
+            return normalise(x.mul_(255).round_(), view, channels, 255, out)
+    return normalise(x, view, channels, 1, out)
+
+
+def normalise(x: torch.Tensor, view: View, channels: int, top: float, out: torch.Tensor) -> torch.Tensor:
+    """(x / top − mean) / std of images x (B, C, H, W) with values in [0, top], written into `out` (B,
+    channels, S, S) of the layout asked for: the broadcast turns grayscale into RGB after any resize (a
+    third of the resize work), and no temporary or re-layout copy of the output (600 KB an image at
+    224 px) is made. With one std on every channel (MedMNIST's 0.5) it is one pass, shift + x · scale
+    (`torch.add`'s alpha), ~2x a multiply then an add at 224 px; else those two passes."""
+    scales = [1 / (top * s) for s in view.std[:channels]]
+    shifts = [-m / s for m, s in zip(view.mean, view.std, strict=True)][:channels]
+    shift = torch.tensor(shifts, device=x.device).view(1, channels, 1, 1)
+    if len(set(scales)) == 1:
+        return torch.add(shift, x, alpha=scales[0], out=out)
+    scale = torch.tensor(scales, device=x.device).view(1, channels, 1, 1)
+    return torch.mul(x, scale, out=out).add_(shift)
 
 
 def batch_bounds(n: int, batch_size: int, merge_single: bool = False) -> list[tuple[int, int]]:
@@ -324,11 +367,57 @@ class DeviceSplit:
         if self.mapped is not None:
             release(self.mapped)
 
+    def image_bytes(self, size: int) -> int:
+        """Bytes of this split's uint8 images at `size` × `size`."""
+        channels = self.images.shape[3] if self.images.dim() == 4 else 1
+        return len(self) * size * size * channels
+
+    def at_size(self, view: View, budget: int) -> DeviceSplit:
+        """This split resized once to `view.size`, as uint8 on its device: an epoch's batches are then
+        gathers with no resampling, and the model gets what a batch resized as it is drawn (`view` rounded)
+        would give it. Itself when already at that size, or when the resized images would take more than
+        `budget` bytes (every batch is then resized as it is drawn)."""
+        if self.images.shape[1] == view.size or self.image_bytes(view.size) > budget:
+            return self
+        shape = (len(self), view.size, view.size, *self.images.shape[3:])
+        images = torch.empty(shape, dtype=torch.uint8, device=self.device)
+        for start, end in batch_bounds(len(self), RESIZE_ROWS):
+            x = self.gather(torch.arange(start, end, device=self.device))
+            x = (x.unsqueeze(-1) if x.dim() == 3 else x).permute(0, 3, 1, 2).float().div_(255)
+            x = resize_images(x, view).mul_(255).round_().to(torch.uint8)  # (B, C, S, S), exact
+            images[start:end] = x.permute(0, 2, 3, 1).reshape(end - start, *shape[1:])
+        if self.mapped is not None:
+            release(self.mapped)
+        resized = copy.copy(self)
+        resized.images, resized.mapped = images, None
+        return resized
+
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
         """The uint8 images at `idx`, on the device."""
+        # index_select copies whole rows; `images[idx]` goes element by element: 20x slower on the CPU
+        # for 224 px rows (1.5 vs 30 µs an image), the whole data path's cost.
         if self.mapped is None:
-            return self.images[idx]
-        return self.images[idx.cpu()].to(self.device, non_blocking=True)
+            return torch.index_select(self.images, 0, idx)
+        return torch.index_select(self.images, 0, idx.cpu()).to(self.device, non_blocking=True)
+
+
+def device_splits(
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]],
+    task: str,
+    device: torch.device,
+    view: View,
+    max_memory_gb: float | None = None,
+    augmented: bool = False,
+) -> dict[str, DeviceSplit]:
+    """The three splits on `device`, each resized once to the model's size (`DeviceSplit.at_size`) while
+    they fit the memory budget (`mapped.memory_budget`) together; an `augmented` train split stays at its
+    own size, since each batch's views are sampled from the source images."""
+    splits = {s: DeviceSplit(*arrays[s], task, device) for s in SPLITS}
+    budget = memory_budget(max_memory_gb, str(device))
+    resized = [s for s in SPLITS if not (augmented and s == "train")]
+    if sum(splits[s].image_bytes(view.size) for s in resized) > budget:
+        return splits
+    return {s: split.at_size(view, budget) if s in resized else split for s, split in splits.items()}
 
 
 # ---------------------------------------------------------------- synthetic MedMNIST-format data

@@ -43,8 +43,9 @@ class DeployedStudent(nn.Module):
     """float32 images in [0, 1], (B, C, H, W) at the data's size → the student's logits (B, K).
 
     The same arithmetic as `medkd.data.prepare_images` on uint8 / 255: resize (antialiased for bilinear
-    and bicubic, clamped to [0, 1]), then x·(1/std) − mean/std, whose broadcast turns one channel into
-    three. So an exported model reproduces the run's evaluation, not an approximation of it.
+    and bicubic, clamped to [0, 1], rounded to 8 bits when the run's view was), then x·(1/std) − mean/std,
+    whose broadcast turns one channel into three. So an exported model reproduces the run's evaluation,
+    not an approximation of it.
     """
 
     def __init__(self, model: nn.Module, view: View, channels: int, data_size: int):
@@ -53,6 +54,7 @@ class DeployedStudent(nn.Module):
         self.size = view.size
         self.interpolation = view.interpolation
         self.resize = data_size != view.size
+        self.rounded = view.rounded
         self.channels = channels
         mean, std = torch.tensor(view.mean).view(1, 3, 1, 1), torch.tensor(view.std).view(1, 3, 1, 1)
         self.register_buffer("scale", 1 / std)
@@ -64,6 +66,8 @@ class DeployedStudent(nn.Module):
             antialias = self.interpolation in ("bilinear", "bicubic")
             x = F.interpolate(x, size=(self.size, self.size), mode=self.interpolation, antialias=antialias)
             x = x.clamp(0, 1)  # bicubic overshoots; PIL clamps too
+            if self.rounded:  # as the run trained and evaluated: its resized images held in 8 bits
+                x = torch.round(x * 255) / 255
         return self.model(x * self.scale + self.shift)
 
 

@@ -28,6 +28,7 @@ from medkd.data import (
     batch_bounds,
     data_sha256,
     dataset_info,
+    device_splits,
     load_arrays,
     num_outputs,
 )
@@ -53,7 +54,7 @@ from medkd.runs import (
     write_predictions,
     write_result,
 )
-from medkd.students import FeatureTap, build_student
+from medkd.students import FeatureTap, build_student, takes_one_channel
 from medkd.tracking import Trackers, check_trackers, open_trackers
 from medkd.train import (
     Augmentation,
@@ -61,6 +62,8 @@ from medkd.train import (
     LoopState,
     NonFiniteLossError,
     evaluate_model,
+    intra_op_threads,
+    place_student,
     resolve_device,
     train_epochs,
 )
@@ -284,7 +287,8 @@ def distill(
         done = finished_run(cfg, run_dir, identity.hashes(to_dict(cfg)), console)
         if done is not None:
             return done
-        return train_student(cfg, inputs, sources, run_dir, identity, console, started)
+        with intra_op_threads(cfg.threads):
+            return train_student(cfg, inputs, sources, run_dir, identity, console, started)
 
 
 def train_student(
@@ -316,22 +320,21 @@ def train_student(
             f"resuming {escape(str(run_dir))} after epoch {loop.epoch} of {cfg.epochs}", soft_wrap=True
         )
 
-    channels_last = device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    view = View(student_size, interpolation=cfg.interpolation, channels_last=channels_last)
-    splits = {s: DeviceSplit(*inputs.arrays[s], inputs.task, device) for s in SPLITS}
+    forward = place_student(model, device, cfg.compile)
+    view = student_view(cfg, model, student_size)
+    augmented = sources.augmentation is not None
+    splits = device_splits(inputs.arrays, inputs.task, device, view, cfg.max_memory_gb, augmented)
     teacher_logits = sources.logits.to(device) if sources.logits is not None else None
     checkpointing = {"config": config, "config_hash": chash, **helpers.state_dict()}
     extras = {"augmentation": sources.augmentation_on(device), **vars(helpers)}
     with run_trackers(cfg, run_dir, config) as trackers:
         train_run(
-            cfg, model, loop, splits, view, teacher_logits, run, run_dir, checkpointing, console, extras,
-            trackers,
+            cfg, forward, loop, splits, view, teacher_logits, run, run_dir, checkpointing, console, extras,
+            trackers, state_of=model,
         )  # fmt: skip
         model.load_state_dict(run.best_state)
-        val_metrics, _ = evaluate_model(model, splits["val"], view)
-        test_metrics, test_scores = evaluate_model(model, splits["test"], view)
+        val_metrics, _ = evaluate_model(forward, splits["val"], view)
+        test_metrics, test_scores = evaluate_model(forward, splits["test"], view)
         trackers.log_final(test_metrics, val_metrics, {"best_epoch": run.best.epoch})
     write_predictions(run_dir, inputs.arrays["test"][1], test_scores, inputs.task)
     train_seconds = sum(h["seconds"] for h in run.history)
@@ -346,6 +349,7 @@ def train_student(
         task=inputs.task,
         n_outputs=inputs.n_outputs,
         student_size=student_size,
+        rounded=view.rounded,
         baseline=teacher_logits is None and helpers.feature_kd is None,
         augment=sources.describe(),
         **inputs.teacher_fields(cfg.teacher_weighting),
@@ -368,6 +372,14 @@ def train_student(
         soft_wrap=True,
     )
     return result
+
+
+def student_view(cfg: DistillConfig, model: nn.Module, size: int) -> View:
+    """How the student sees its images: at `size`, channels_last (`place_student`), grayscale as one
+    channel when its first convolution takes it, resized images rounded to 8 bits (`View`)."""
+    return View(
+        size, interpolation=cfg.interpolation, channels_last=True, gray=takes_one_channel(model), rounded=True
+    )
 
 
 def build_training(
@@ -538,10 +550,13 @@ def train_run(
     console: Console,
     extras: dict[str, Any] | None = None,
     trackers: Trackers | None = None,
+    state_of: torch.nn.Module | None = None,
 ) -> None:
     """The epochs, with a progress bar: `best.pt` at each new best, `last.pt` now and then, early stop.
 
-    `extras` are `train_epochs`' augmentation, feature_kd and weighting; `trackers` see every epoch."""
+    `extras` are `train_epochs`' augmentation, feature_kd and weighting; `trackers` see every epoch;
+    `state_of` is the student whose weights are saved when `model` is its torch.compile wrapper."""
+    state_of = state_of if state_of is not None else model
     extras = extras or {}
     trackers = trackers or Trackers()
     # The batches `train_epochs` takes (a last batch of one image joins the batch before it).
@@ -556,30 +571,29 @@ def train_run(
         epochs = train_epochs(
             model, splits["train"], splits["val"], view, loop, teacher_logits=teacher_logits,
             alpha=cfg.alpha, temperature=cfg.temperature, batch_size=cfg.batch_size,
-            on_step=lambda: progress.advance(bar), **extras,
+            on_step=lambda: progress.advance(bar), eval_every=cfg.eval_every, **extras,
         )  # fmt: skip
         saved_epoch, saved_at = loop.epoch, time.monotonic()
         try:
             for stats in epochs:
                 run.history.append(vars(stats))
                 trackers.log_epoch(stats)
-                line = (
-                    f"epoch {stats.epoch} loss {stats.loss:.4f} val AUC {stats.val_auc:.3f} "
-                    f"{stats.images_per_second:.0f} img/s"
-                )
+                val = f" val AUC {stats.val_auc:.3f}" if stats.val_auc is not None else ""
+                line = f"epoch {stats.epoch} loss {stats.loss:.4f}{val} {stats.images_per_second:.0f} img/s"
                 progress.update(bar, info=line)
                 if not cfg.quiet and not console.is_terminal:
                     # A log file (nohup, Slurm) never sees a live bar: one line per epoch instead.
                     console.print(f"{escape(run_dir.name)}: {line}", highlight=False)
-                if run.best.update(stats.epoch, stats.val_auc):
-                    run.best_state = copy.deepcopy(model.state_dict())
+                validated = stats.val_auc is not None
+                if validated and run.best.update(stats.epoch, stats.val_auc):
+                    run.best_state = copy.deepcopy(state_of.state_dict())
                     state = {"model": run.best_state, "epoch": stats.epoch, "config": checkpointing["config"]}
                     save_checkpoint(run_dir / CHECKPOINT, state)
-                stopped = cfg.patience is not None and run.best.stale >= cfg.patience
+                stopped = validated and cfg.patience is not None and run.best.stale >= cfg.patience
                 due = time.monotonic() - saved_at >= EPOCH_CHECKPOINT_SECONDS or saved_epoch == 0
                 if due and stats.epoch < cfg.epochs and not stopped:
                     save_checkpoint(
-                        run_dir / EPOCH_CHECKPOINT, epoch_checkpoint(model, loop, run, checkpointing)
+                        run_dir / EPOCH_CHECKPOINT, epoch_checkpoint(state_of, loop, run, checkpointing)
                     )
                     saved_epoch, saved_at = stats.epoch, time.monotonic()
                 if stopped:

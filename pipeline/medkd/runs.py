@@ -99,6 +99,9 @@ class RunResult:
     task: str = ""
     n_outputs: int = 0
     student_size: int | None = None
+    # Images resized to the student's size were rounded to 8 bits (`medkd.data.View.rounded`; runs of
+    # medkd before it trained on the unrounded resize, and are evaluated and exported so).
+    rounded: bool = False
     baseline: bool = False
     teacher: dict[str, Any] | None = None  # the cache's teacher, fingerprint and test metrics (one cache)
     teachers: list[dict[str, Any]] | None = None  # the same of every cache of a multi-teacher run

@@ -19,6 +19,44 @@ from medkd.registry import STUDENTS, TIMM_STUDENT_PREFIX, is_student
 SMALL_STEM_BELOW = 128  # px; below this the 7x7/2 conv + max-pool would discard most of a 28 px image
 
 
+class GrayInputConv2d(nn.Conv2d):
+    """A model's first convolution that also takes one-channel images. A 3-channel convolution of a
+    grayscale image replicated to RGB equals the 1-channel convolution with its weights summed over the
+    input channels: computed so, the input stays a third of the bytes. Its parameters are the Conv2d's,
+    so checkpoints load into it and out of it unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1 and self.in_channels == 3:
+            return self._conv_forward(x, self.weight.sum(dim=1, keepdim=True), self.bias)
+        return super().forward(x)
+
+
+def first_conv(model: nn.Module) -> nn.Module | None:
+    """The convolution that sees the images: a torchvision ResNet's `conv1`, a timm model's `first_conv`
+    (from its pretrained config); None when there is no such name."""
+    if isinstance(model, torchvision.models.ResNet):
+        return model.conv1
+    name = getattr(model, "pretrained_cfg", {}).get("first_conv")
+    try:
+        return model.get_submodule(name) if isinstance(name, str) else None
+    except AttributeError:
+        return None
+
+
+def accept_one_channel(model: nn.Module) -> None:
+    """Let `model` take grayscale images as one channel (`GrayInputConv2d`), when its first convolution is
+    a plain 3-channel `nn.Conv2d` (a timm `Conv2dSame` pads in its own forward and is left as it is)."""
+    conv = first_conv(model)
+    if type(conv) is nn.Conv2d and conv.in_channels == 3 and conv.padding_mode == "zeros":
+        # The same module object with the subclass's forward: parameters, hooks and device all stay.
+        conv.__class__ = GrayInputConv2d
+
+
+def takes_one_channel(model: nn.Module) -> bool:
+    """Whether `model` takes grayscale images as one channel (`accept_one_channel` could convert it)."""
+    return isinstance(first_conv(model), GrayInputConv2d)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters of `model`."""
     return sum(p.numel() for p in model.parameters())
@@ -46,6 +84,7 @@ def build_student(
         model = _build_timm(name[len(TIMM_STUDENT_PREFIX) :].strip(), num_outputs)
         if weights is not None:
             _load_timm_weights(model, _read_weights(Path(weights)), Path(weights), what)
+        accept_one_channel(model)
         return model
     model = getattr(torchvision.models, STUDENTS[name])(weights=None, num_classes=num_outputs)
     if image_size < SMALL_STEM_BELOW:
@@ -56,6 +95,7 @@ def build_student(
         state = _read_weights(Path(weights))
         _check_fit(model.state_dict(), state, Path(weights), what)
         model.load_state_dict(state, strict=True)
+    accept_one_channel(model)
     return model
 
 

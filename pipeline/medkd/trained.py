@@ -36,7 +36,8 @@ class TrainedRun:
     def view(self) -> View:
         """The view the run trained and evaluated with (`distill`: student size, interpolation, 0.5/0.5)."""
         interpolation = self.result.config.get("interpolation") or "bicubic"
-        return View(self.result.student_size or self.result.size, interpolation=interpolation)
+        size = self.result.student_size or self.result.size
+        return View(size, interpolation=interpolation, rounded=bool(self.result.rounded))
 
     def split(self, split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """`(images uint8, labels)` of one split of the data the run was trained on; data that differs
