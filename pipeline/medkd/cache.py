@@ -713,6 +713,9 @@ class TeacherCache:
             "augment": self.augment,
             "test_auc": test["auc"],
             "test_acc": test["acc"],
+            # The teacher's calibration on the images the student is tested on (from the cached logits).
+            "test_ece": test["ece"],
+            "test_brier": test["brier"],
         }
 
     def head(self) -> torch.nn.Module | None:

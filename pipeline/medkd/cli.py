@@ -593,6 +593,15 @@ def sweep(ctx: click.Context, **_: Any) -> None:
     click.echo(str(sweep_cfg.out_path()))
 
 
+resamples_option = click.option(
+    "--resamples",
+    type=click.IntRange(min=1),
+    default=2000,
+    show_default=True,
+    help="Paired bootstrap resamples of the test images (report: behind each Δ vs baseline).",
+)
+
+
 @main.command()
 @click.argument("runs_dir", type=click.Path(exists=True, file_okay=False))
 @click.option(
@@ -603,12 +612,58 @@ def sweep(ctx: click.Context, **_: Any) -> None:
     type=click.Path(dir_okay=False),
     help="Write ablation curves like the paper's Fig. 4 to this new .png file.",
 )
+@click.option(
+    "--layout",
+    type=click.Choice(("runs", "table2", "table4", "params")),
+    default="runs",
+    show_default=True,
+    help="runs: one row per configuration; table2: methods × datasets (the paper's Table 2); table4: the "
+    "(T, α) pairs; params: parameters, MACs and speed from each RUN/profile.json (Table 3).",
+)
+@click.option(
+    "--plot-calibration",
+    type=click.Path(dir_okay=False),
+    help="Write reliability diagrams (best KD setting, its teacher, the baseline) to this new .png file.",
+)
+@resamples_option
 @click.option("--force", is_flag=True, help="Replace an existing --plot PNG (never another kind of file).")
-def report(runs_dir: str, fmt: str, plot: str | None, force: bool) -> None:
-    """Summarise every run below RUNS_DIR over seeds (mean ± std); list incomplete and broken runs."""
+def report(
+    runs_dir: str, fmt: str, plot: str | None, layout: str, plot_calibration: str | None, resamples: int,
+    force: bool,
+) -> None:  # fmt: skip
+    """Summarise every run below RUNS_DIR over seeds (mean ± std), name the best setting by val AUC with
+    its interval against the baseline; list incomplete and broken runs."""
     from medkd.report import report as run_report
 
-    run_report(runs_dir, fmt=fmt, plot=plot, console=console, force=force)
+    run_report(
+        runs_dir, fmt=fmt, plot=plot, console=console, force=force, layout=layout,
+        plot_calibration=plot_calibration, resamples=resamples,
+    )  # fmt: skip
+
+
+@main.command()
+@click.argument("a", type=click.Path(exists=True, file_okay=False))
+@click.argument("b", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--format", "fmt", type=click.Choice(("markdown", "csv", "json")), default="markdown", show_default=True
+)
+@resamples_option
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap's draws.")
+def compare(a: str, b: str, fmt: str, resamples: int, seed: int) -> None:
+    """B − A in test AUC, ACC, balanced ACC and ECE, runs paired by seed, with 95% intervals from a paired
+    bootstrap over the test images (and over seeds, from 3). A and B: run folders or sweeps."""
+    import json
+
+    from medkd.compare import compare_runs
+
+    comparison = compare_runs(a, b, resamples=resamples, seed=seed)
+    if fmt == "markdown":  # the notes are part of the Markdown; beside CSV and JSON they go to stderr
+        click.echo(comparison.markdown(), nl=False)
+        return
+    for note in comparison.notes:
+        console.print(f"note: {note}", soft_wrap=True, markup=False, highlight=False)
+    text = comparison.csv() if fmt == "csv" else json.dumps(comparison.to_json(), indent=2) + "\n"
+    click.echo(text, nl=False)
 
 
 # ---------------------------------------------------------------- deploy and explain

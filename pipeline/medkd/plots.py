@@ -1,10 +1,12 @@
 """The ablation plot of `medkd report --plot` (the paper's Figure 4), from `medkd.report.summarise` rows,
-and the rules every PNG medkd writes follows (`medkd tsne`, `medkd gradcam`, `medkd demo` too): it ends
-in .png, and `--force` replaces only a PNG, never a user's data file, cache or model.
+the reliability diagrams of `medkd report --plot-calibration`, and the rules every PNG medkd writes
+follows (`medkd tsne`, `medkd gradcam`, `medkd demo` too): it ends in .png, and `--force` replaces only a
+PNG, never a user's data file, cache or model.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -132,6 +134,66 @@ def plot_ablation(rows: list[dict[str, Any]], path: str | Path) -> Path:
     labels = sorted(entries, key=lambda lab: (kinds.index(lab.split()[0]), "ACC" in lab))
     handles = [entries[lab] for lab in labels]
     fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize="small")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    return path
+
+
+# ---------------------------------------------------------------- reliability diagrams
+
+CURVE_COLOURS = {"student": "tab:blue", "teacher": "tab:green", "baseline": "tab:red"}
+CURVE_STYLES = {"student": "-", "teacher": "-.", "baseline": "--"}
+
+
+def _reliability_panel(ax: Any, panel: dict[str, Any]) -> None:
+    ax.plot([0, 1], [0, 1], color="0.6", linewidth=1, label="perfect calibration")
+    for curve in panel["curves"]:
+        bins = curve["bins"]
+        # An empty bin has no confidence or accuracy (NaN): drawing it would break the line.
+        points = [
+            (c, a)
+            for c, a, n in zip(bins["confidence"], bins["accuracy"], bins["count"], strict=True)
+            if n and not (math.isnan(c) or math.isnan(a))
+        ]
+        ece = "n/a" if math.isnan(curve["ece"]) else f"{curve['ece']:.3f}"
+        kind = curve["kind"]
+        ax.plot(
+            [c for c, _ in points], [a for _, a in points], marker="o", markersize=3.5,
+            color=CURVE_COLOURS.get(kind), linestyle=CURVE_STYLES.get(kind, "-"),
+            label=f"{curve['label']} — ECE {ece}",
+        )  # fmt: skip
+    if panel.get("notes"):  # what is missing is said where it is missing, not only on the console
+        ax.text(0.98, 0.02, "\n".join(panel["notes"]), ha="right", va="bottom", fontsize="x-small",
+                color="0.35", wrap=True, transform=ax.transAxes)  # fmt: skip
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_title(panel["title"], fontsize="medium")
+    ax.set_xlabel("confidence (mean in bin)")
+    ax.set_ylabel("accuracy in bin")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize="x-small")
+
+
+def plot_calibration(panels: list[dict[str, Any]], path: str | Path, bins: int = 15) -> Path:
+    """Reliability diagrams, one panel per dataset, written as a PNG to `path`.
+
+    Each panel is `{"title", "curves", "notes"}`; a curve is `{"label", "kind"` (student, teacher or
+    baseline)`, "bins"` (`medkd.metrics.reliability_bins`)`, "ece"}`; notes (a curve left out, and why)
+    are printed in the panel."""
+    if not panels:
+        raise MedkdError("nothing to plot: no run with test predictions to draw a reliability diagram of")
+    cols = min(len(panels), 3)
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(4.8 * cols, 4.9 * rows + 0.5), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, panel in zip(axes, panels, strict=False):
+        _reliability_panel(ax, panel)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(f"Reliability on the test split, teacher vs student ({bins} equal-width confidence bins)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

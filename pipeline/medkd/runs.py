@@ -744,3 +744,39 @@ def versions() -> dict[str, str]:
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
+
+
+# ---------------------------------------------------------------- finding runs
+
+
+def collect_runs(runs_dir: str | Path) -> tuple[list[RunResult], list[dict[str, Any]]]:
+    """`(results, problems)` below `runs_dir`: each valid `result.json` (its `run_dir` set to the folder it
+    is in now), and `{"run_dir", "status": "incomplete" | "broken", "reason"}` for every folder with run
+    files but no valid result.
+    """
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise MedkdError(f"{root} is not a folder; give the folder that holds run folders (e.g. runs/)")
+    folders = sorted({p.parent for name in RUN_MARKERS for p in root.rglob(name) if p.is_file()})
+    results, problems = [], []
+    for folder in folders:
+        if (folder / RESULT).is_file():
+            try:
+                result = read_result(folder)
+            except MedkdError as err:
+                problems.append({"run_dir": str(folder), "status": "broken", "reason": str(err)})
+                continue
+            result.run_dir = str(folder)
+            results.append(result)
+        elif (folder / ERROR).is_file():
+            reason = read_error(folder) or f"{ERROR} present (unreadable)"
+            problems.append({"run_dir": str(folder), "status": "broken", "reason": reason})
+        else:
+            present = ", ".join(n for n in (CHECKPOINT, PREDICTIONS) if (folder / n).is_file())
+            reason = f"{present} but no {RESULT}: killed, or still running"
+            problems.append({"run_dir": str(folder), "status": "incomplete", "reason": reason})
+    return results, problems
+
+
+def problem_line(problem: dict[str, Any]) -> str:
+    return f"{problem['status']}: {problem['run_dir']} ({problem['reason']})"
