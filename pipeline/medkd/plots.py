@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,7 @@ def _reliability_panel(ax: Any, panel: dict[str, Any]) -> None:
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_aspect("equal")
-    ax.set_title(panel["title"], fontsize="medium")
+    ax.set_title(textwrap.fill(panel["title"], 48), fontsize="medium")  # the setting's name can be long
     ax.set_xlabel("confidence (mean in bin)")
     ax.set_ylabel("accuracy in bin")
     ax.grid(alpha=0.3)
@@ -193,7 +194,8 @@ def plot_calibration(panels: list[dict[str, Any]], path: str | Path, bins: int =
         _reliability_panel(ax, panel)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
-    fig.suptitle(f"Reliability on the test split, teacher vs student ({bins} equal-width confidence bins)")
+    # Two short lines: one panel is 4.8 inches wide, and a one-line title ran off both edges.
+    fig.suptitle(f"Reliability on the test split, teacher vs student\n({bins} equal-width confidence bins)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
