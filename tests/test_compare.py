@@ -285,21 +285,6 @@ def test_a_side_with_a_broken_run_compares_the_rest_and_says_so(sides):
     assert any(n.startswith("B: left out broken") for n in comparison.notes)
 
 
-def test_balanced_acc_from_sklearn_and_no_ece_while_evaluate_lacks_them(sides, monkeypatch):
-    a_dir, b_dir, y, a, b = sides
-    monkeypatch.setattr(
-        medkd.compare, "evaluate", lambda *args: {k: evaluate(*args)[k] for k in ("auc", "acc")}
-    )
-    comparison = compare_runs(a_dir, b_dir, resamples=50, seed=3)
-    assert list(comparison.metrics) == ["auc", "acc", "balanced_acc"]
-    assert any(n.startswith("ece: not in medkd.metrics.evaluate yet") for n in comparison.notes)
-    m = comparison.metrics["balanced_acc"]
-    expected = np.mean([balanced(y, s) for s in b.values()]) - np.mean([balanced(y, s) for s in a.values()])
-    assert m.delta == pytest.approx(expected, **CLOSE)
-    low, high, _ = hand_bootstrap(y, a, b, (0, 1, 2), 50, 3, balanced)
-    assert (m.low, m.high) == pytest.approx((low, high), **CLOSE)
-
-
 def test_a_metric_evaluate_defines_otherwise_is_bootstrapped_with_evaluate(sides, monkeypatch):
     a_dir, b_dir, y, a, b = sides
 

@@ -69,7 +69,8 @@ def run_stages(npz, tmp_path, student_size=8):
     assert report.exit_code == 0, report.output
     export = invoke("export", str(tmp_path / "run"), "--format", "onnx")
     assert export.exit_code == 0, export.output
-    return read_result(tmp_path / "run"), report.stdout  # the CSV alone: notes and the best setting go to stderr
+    # stdout alone holds the CSV: notes and the best-setting line go to stderr
+    return read_result(tmp_path / "run"), report.stdout
 
 
 def test_a_png_folder_goes_through_every_stage(png_folder, tmp_path):

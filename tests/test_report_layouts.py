@@ -251,7 +251,7 @@ def test_a_failed_comparison_names_the_runs_not_the_staging_folder(runs, tmp_pat
 def test_delta_column_uses_compare_groups(runs, monkeypatch):
     calls = []
 
-    def fake(a_dirs, b_dirs, resamples=2000, seed=0):
+    def fake(a_dirs, b_dirs, resamples=2000, seed=0, known=None):
         calls.append((a_dirs, b_dirs))
         auc = SimpleNamespace(delta=0.05, low=0.01, high=0.09, n_seeds=3, excludes_zero=True)
         return SimpleNamespace(metrics={"auc": auc})

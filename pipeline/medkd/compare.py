@@ -19,25 +19,22 @@ import csv
 import io
 import math
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score
 
 from medkd.data import is_multilabel
 from medkd.errors import MedkdError
-from medkd.metrics import evaluate
+from medkd.metrics import ECE_BINS, bin_index, evaluate, top_label
 from medkd.runs import RESULT, RunResult, collect_runs, problem_line, read_predictions
 
 METRICS = ("auc", "acc", "balanced_acc", "ece")
 LABELS = {"auc": "AUC", "acc": "ACC", "balanced_acc": "balanced ACC", "ece": "ECE"}
 LOWER_IS_BETTER = frozenset({"ece"})
 FORMATS = ("markdown", "csv", "json")
-ECE_BINS = 15
 # Weights of one chunk of resamples at a time (resamples × test images): bounds memory on big test splits.
 CHUNK_ELEMENTS = 1 << 21
 # The vectorised metrics are checked on the full test set and on one resample drawn from a generator of
@@ -127,14 +124,6 @@ def _classes(task: str, y_true: np.ndarray, y_score: np.ndarray) -> list[tuple[n
     return [(y, y_score.argmax(axis=1))]
 
 
-def balanced_acc_sklearn(task: str, y_true: np.ndarray, y_score: np.ndarray) -> float:
-    """Balanced accuracy of the predicted classes (per label, averaged, for multi-label): what compare uses
-    while `evaluate` has no "balanced_acc"."""
-    with warnings.catch_warnings():  # "y_pred contains classes not in y_true": those are left out, as wanted
-        warnings.simplefilter("ignore")
-        return float(np.mean([balanced_accuracy_score(t, p) for t, p in _classes(task, y_true, y_score)]))
-
-
 def balanced_acc_resampled(
     task: str, y_true: np.ndarray, y_score: np.ndarray, weights: np.ndarray
 ) -> np.ndarray:
@@ -151,21 +140,13 @@ def balanced_acc_resampled(
 
 
 def ece_resampled(task: str, y_true: np.ndarray, y_score: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Top-label ECE in ECE_BINS equal bins ((0, 1/B] holding 0 too, ..., ((B-1)/B, 1]) of the largest
-    probability and its argmax; multi-label: each label's binary ECE on [1 − p, p], averaged over labels.
-    Used only where it gives `evaluate`'s "ece"."""
-    if is_multilabel(task):
-        confidence = np.maximum(y_score, 1 - y_score)
-        hit = (y_score > 0.5) == (y_true > 0.5)
-    else:
-        confidence = y_score.max(axis=1)[:, None]
-        hit = (y_score.argmax(axis=1) == y_true.reshape(-1))[:, None]
+    """`evaluate`'s "ece" (`medkd.metrics.top_label` confidences in `bin_index`'s ECE_BINS bins) of every
+    weighted resample at once."""
+    confidence, hit = top_label(task, y_true, y_score)
     n, groups = confidence.shape
-    # k/B, not linspace: a confidence of exactly k/B lands in bin k - 1, as the bins are written
-    bins = np.searchsorted(np.arange(1, ECE_BINS) / ECE_BINS, confidence, side="left")
     # Σ_b (n_b / N)|acc_b − conf_b| = Σ_b |Σ_{i in b} (hit_i − conf_i)| / N: a weighted sum per bin
     gap = np.zeros((n, groups * ECE_BINS))
-    cells = bins + ECE_BINS * np.arange(groups)
+    cells = bin_index(confidence, ECE_BINS) + ECE_BINS * np.arange(groups)
     np.add.at(gap, (np.repeat(np.arange(n), groups), cells.ravel()), (hit - confidence).ravel())
     return np.abs(weights @ gap).sum(axis=1) / (weights.sum(axis=1) * groups)
 
@@ -192,13 +173,6 @@ def resampled_metrics(
     weights = image_weights(np.atleast_2d(idx), len(y_true))
     y_true, y_score = np.asarray(y_true), np.asarray(y_score, dtype=np.float64)
     return {m: RESAMPLED[m](task, y_true, y_score, weights) for m in metrics}
-
-
-def reference_metrics(task: str, y_true: np.ndarray, y_score: np.ndarray) -> dict[str, float]:
-    """What compare reports: `evaluate`'s metrics, and sklearn's balanced accuracy while it has none."""
-    values = dict(evaluate(task, y_true, y_score))
-    values.setdefault("balanced_acc", balanced_acc_sklearn(task, y_true, y_score))
-    return values
 
 
 def t_975(df: int) -> float:
@@ -466,7 +440,7 @@ def _vectorised(run: _Run, metrics: tuple[str, ...]) -> set[str]:
     n = len(run.y_true)
     idx = np.stack([np.arange(n), np.random.default_rng(CHECK_SEED).integers(0, n, n)])
     fast = resampled_metrics(run.task, run.y_true, run.y_score, idx, metrics)
-    drawn = reference_metrics(run.task, run.y_true[idx[1]], run.y_score[idx[1]])
+    drawn = evaluate(run.task, run.y_true[idx[1]], run.y_score[idx[1]])
     return {m for m in metrics if _matches(fast[m], [run.values[m], drawn[m]])}
 
 
@@ -477,7 +451,7 @@ def _resample_values(
     values = {m: RESAMPLED[m](run.task, run.y_true, run.y_score, weights) for m in metrics if m in fast}
     slow = [m for m in metrics if m not in fast]
     if slow:
-        drawn = [reference_metrics(run.task, run.y_true[i], run.y_score[i]) for i in idx]
+        drawn = [evaluate(run.task, run.y_true[i], run.y_score[i]) for i in idx]
         values.update({m: np.array([d[m] for d in drawn]) for m in slow})
     return values
 
@@ -548,16 +522,8 @@ def compare_results(
     reference = pairs[0][0]
     for run in (r for pair in pairs for r in pair):  # one index vector serves every pair: one test set
         _check_same_split(reference, run)
-        run.values = reference_metrics(run.task, run.y_true, run.y_score)
-    known = set(evaluate(reference.task, reference.y_true, reference.y_score))
-    if "balanced_acc" not in known:
-        notes.append(
-            "balanced_acc: not in medkd.metrics.evaluate yet; sklearn's balanced_accuracy_score of the "
-            "predicted classes"
-        )
-    if "ece" not in known:
-        notes.append("ece: not in medkd.metrics.evaluate yet; skipped")
-    metrics = tuple(m for m in METRICS if m in reference.values)
+        run.values = evaluate(run.task, run.y_true, run.y_score)
+    metrics = METRICS
     fast = set(metrics)
     for run in (r for pair in pairs for r in pair):
         fast &= _vectorised(run, metrics)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +23,7 @@ from medkd.config import lr_milestones
 from medkd.data import SPLITS, is_multilabel, num_outputs
 from medkd.errors import MedkdError
 from medkd.metrics import BestEpoch, evaluate, scores_from_logits
+from medkd.train import intra_op_threads
 
 HEAD_INPUTS = {"linear": "features", "attention": "tokens"}  # what each head kind reads
 # A split of tokens up to this size is read into memory once (fast); a larger one is read a minibatch
@@ -149,19 +149,6 @@ def fold_logits(heads: list[nn.Module], folds: np.ndarray, inputs: Rows) -> torc
     return logits
 
 
-@contextmanager
-def _single_thread(enabled: bool) -> Iterator[None]:
-    # A (D, C) linear layer on 32-row batches is microseconds of work: CPU threads cost more in start-up
-    # and spin-waiting than they save (5x slower with two threads on a busy 2-core machine).
-    threads = torch.get_num_threads()
-    if enabled:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _metrics(task: str, labels: np.ndarray, logits: torch.Tensor) -> dict[str, float]:
     return evaluate(task, labels, scores_from_logits(task, logits).numpy())
 
@@ -206,7 +193,9 @@ def train_head(
     generator = torch.Generator().manual_seed(seed)
 
     best, best_state, history = BestEpoch(), None, []
-    with _single_thread(device.type == "cpu" and kind == "linear"):
+    # A (D, C) linear layer on 32-row batches is microseconds of work: CPU threads cost more in start-up
+    # and spin-waiting than they save (5x slower with two threads on a busy 2-core machine).
+    with intra_op_threads(1 if device.type == "cpu" and kind == "linear" else None):
         for epoch in range(1, epochs + 1):
             head.train()
             total, n = 0.0, len(train)

@@ -11,6 +11,8 @@ from sklearn.metrics import roc_auc_score
 
 from medkd.data import is_multilabel
 
+ECE_BINS = 15  # evaluate's `ece`: 15 equal-width bins, as calibration papers use
+
 
 def scores_from_logits(task: str, logits: torch.Tensor) -> torch.Tensor:
     """Probabilities the metrics expect: sigmoid per label (multi-label), softmax otherwise."""
@@ -91,8 +93,9 @@ def _rates(task: str, y_true: np.ndarray, y_score: np.ndarray) -> dict[str, np.n
     }
 
 
-def _top_label(task: str, y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`(confidence, correct)`, each (N, G): G = 1 top-label column, or one per label ([1 - p, p])."""
+def top_label(task: str, y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`(confidence, correct)`, each (N, G): G = 1 top-label column, or one per label ([1 - p, p]): what
+    the ECE bins (here and in `medkd.compare`'s bootstrap)."""
     if is_multilabel(task):
         confidence = np.maximum(y_score, 1 - y_score)
         correct = (y_score > 0.5) == (y_true > 0.5)  # argmax of [1 - p, p] picks 1 - p on a tie
@@ -102,7 +105,8 @@ def _top_label(task: str, y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.n
     return y_score.max(axis=1)[:, None], correct.astype(np.float64)[:, None]
 
 
-def _bin_index(confidence: np.ndarray, bins: int) -> np.ndarray:
+def bin_index(confidence: np.ndarray, bins: int) -> np.ndarray:
+    """Each confidence's ECE bin, 0 … bins − 1."""
     # right-closed bins (k/bins, (k+1)/bins], with 0 in the first; k/bins, not linspace, so that a
     # confidence of exactly k/bins lands in bin k - 1 as written
     return np.searchsorted(np.arange(1, bins) / bins, confidence, side="left")
@@ -112,7 +116,7 @@ def _ece(confidence: np.ndarray, correct: np.ndarray, bins: int) -> float:
     n, groups = confidence.shape
     if n == 0:
         return float("nan")
-    flat = (_bin_index(confidence, bins) + bins * np.arange(groups)).ravel()
+    flat = (bin_index(confidence, bins) + bins * np.arange(groups)).ravel()
     # Σ_b (n_b / N)|acc_b − conf_b| = Σ_b |Σ_{i in b} (correct_i − conf_i)| / N
     gap = np.bincount(flat, weights=(correct - confidence).ravel(), minlength=bins * groups)
     return float(np.abs(gap).reshape(groups, bins).sum(axis=1).mean() / n)
@@ -131,7 +135,9 @@ def _brier(task: str, y_true: np.ndarray, y_score: np.ndarray) -> float:
     return float(np.mean(np.sum(diff**2, axis=1)))
 
 
-def expected_calibration_error(task: str, y_true: np.ndarray, y_score: np.ndarray, bins: int = 15) -> float:
+def expected_calibration_error(
+    task: str, y_true: np.ndarray, y_score: np.ndarray, bins: int = ECE_BINS
+) -> float:
     """Top-label ECE = Σ_b (n_b / N)|acc_b − conf_b| over `bins` equal-width bins of the largest
     probability ((0, 1/bins], ..., ((bins-1)/bins, 1], 0 in the first).
 
@@ -139,7 +145,7 @@ def expected_calibration_error(task: str, y_true: np.ndarray, y_score: np.ndarra
     of each label's binary ECE on [1 − p, p]. NaN for no images.
     """
     y_true, y_score = _arrays(y_true, y_score)
-    return _ece(*_top_label(task, y_true, y_score), bins)
+    return _ece(*top_label(task, y_true, y_score), bins)
 
 
 def brier_score(task: str, y_true: np.ndarray, y_score: np.ndarray) -> float:
@@ -165,13 +171,13 @@ def per_class(task: str, y_true: np.ndarray, y_score: np.ndarray) -> dict[str, l
     return {"auc": auc, **{k: v.tolist() for k, v in _rates(task, y_true, y_score).items()}}
 
 
-def reliability_bins(task: str, y_true: np.ndarray, y_score: np.ndarray, bins: int = 15) -> dict:
+def reliability_bins(task: str, y_true: np.ndarray, y_score: np.ndarray, bins: int = ECE_BINS) -> dict:
     """Reliability-diagram data over the ECE's bins: `{"edges"}` (bins + 1) and per bin `{"count",
     "confidence", "accuracy"}` (means; NaN for an empty bin). Multi-label pools every label's top-label
     [1 − p, p], so the ECE these give can be below `expected_calibration_error`'s per-label mean."""
     y_true, y_score = _arrays(y_true, y_score)
-    confidence, correct = (a.ravel() for a in _top_label(task, y_true, y_score))
-    index = _bin_index(confidence, bins)
+    confidence, correct = (a.ravel() for a in top_label(task, y_true, y_score))
+    index = bin_index(confidence, bins)
     count = np.bincount(index, minlength=bins)
     return {
         "edges": (np.arange(bins + 1) / bins).tolist(),
@@ -192,7 +198,7 @@ def evaluate(task: str, y_true: np.ndarray, y_score: np.ndarray) -> dict[str, fl
       0, F1 of class 1), as medical papers report them; multi-class/ordinal: macro means over classes,
       one-vs-rest; multi-label: macro means over labels. Macro means skip undefined classes, as `auc` does
       (multi-class `sensitivity` therefore equals `balanced_acc`).
-    - `ece`: `expected_calibration_error` with 15 bins; `brier`: `brier_score`.
+    - `ece`: `expected_calibration_error` with ECE_BINS (15) bins; `brier`: `brier_score`.
     """
     y_true, y_score = _arrays(y_true, y_score)
     result = _auc_acc(task, y_true, y_score)
@@ -212,7 +218,7 @@ def evaluate(task: str, y_true: np.ndarray, y_score: np.ndarray) -> dict[str, fl
         **result,
         "balanced_acc": balanced,
         **summary,
-        "ece": _ece(*_top_label(task, y_true, y_score), 15),
+        "ece": _ece(*top_label(task, y_true, y_score), ECE_BINS),
         "brier": _brier(task, y_true, y_score),
     }
 

@@ -36,6 +36,7 @@ from medkd.files import write_json
 from medkd.registry import RUN_PREFIX, is_run_teacher, teacher_spec
 from medkd.runs import RESULT, versions
 from medkd.students import count_parameters
+from medkd.train import intra_op_threads
 from medkd.trained import load_trained_run
 
 PROFILE_FORMAT_VERSION = 1  # the JSON's `medkd_profile`
@@ -166,7 +167,7 @@ def profile_module(
     training = module.training
     module.eval()
     try:
-        with _torch_threads(threads) as used:
+        with intra_op_threads(threads) as used:
             macs = count_macs(module, shape, name)
             with torch.inference_mode():
                 one, batch = torch.rand(1, *shape), torch.rand(batch_size, *shape)
@@ -300,18 +301,6 @@ def _attention_macs(inputs: Sequence[Any], outputs: Sequence[Any]) -> int:
     q, k, v = inputs[:3]  # (B, H, L, E), (B, H, S, E), (B, H, S, Ev)
     heads = math.prod(q.shape[:-2])
     return heads * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])  # Q·Kᵀ, then softmax·V
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[int]:
-    """Run with `threads` torch threads (None: as set), restoring the count; yields the count used."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
 
 
 def _speed(

@@ -397,18 +397,28 @@ def baseline_for(
     return max(candidates, key=rank)
 
 
-def compare_groups(a_dirs: list[str], b_dirs: list[str], resamples: int = 2000, seed: int = 0) -> Comparison:
+def compare_groups(
+    a_dirs: list[str],
+    b_dirs: list[str],
+    resamples: int = 2000,
+    seed: int = 0,
+    known: dict[str, RunResult] | None = None,
+) -> Comparison:
     """`medkd.compare.compare_results` (B − A) of two sets of run folders (a sweep's folder holds every
-    configuration, so report compares the folders of one row's runs, not a folder)."""
+    configuration, so report compares the folders of one row's runs, not a folder); `known` holds results
+    already read, by run folder (report's own), so they are not read again."""
+    known = known or {}
     runs = []
     for dirs in (a_dirs, b_dirs):
-        results = []
-        for run_dir in dirs:
-            result = read_result(run_dir)
-            result.run_dir = str(run_dir)
-            results.append(result)
+        results = [known.get(d) or _read_run(d) for d in dirs]
         runs.append(sorted(results, key=lambda r: r.seed))
     return compare_results(runs[0], runs[1], "baseline", "setting", resamples=resamples, seed=seed)
+
+
+def _read_run(run_dir: str) -> RunResult:
+    result = read_result(run_dir)
+    result.run_dir = str(run_dir)
+    return result
 
 
 @dataclass
@@ -424,8 +434,15 @@ class AucDeltas:
     """Paired-bootstrap test AUC deltas of KD rows against their baseline, each pair compared once (the
     best-setting line and table2's Δ column share them)."""
 
-    def __init__(self, rows: list[dict[str, Any]], resamples: int = 2000, seed: int = 0):
+    def __init__(
+        self,
+        rows: list[dict[str, Any]],
+        resamples: int = 2000,
+        seed: int = 0,
+        results: list[RunResult] | None = None,
+    ):
         self.rows, self.resamples, self.seed = rows, resamples, seed
+        self.known = {r.run_dir: r for r in results or []}  # collect_runs read them: not read again
         self._done: dict[tuple, Delta] = {}
 
     def __call__(self, row: dict[str, Any]) -> Delta:
@@ -435,7 +452,9 @@ class AucDeltas:
         key = (tuple(baseline["run_dirs"]), tuple(row["run_dirs"]))
         if key not in self._done:
             try:
-                comparison = compare_groups(baseline["run_dirs"], row["run_dirs"], self.resamples, self.seed)
+                comparison = compare_groups(
+                    baseline["run_dirs"], row["run_dirs"], self.resamples, self.seed, known=self.known
+                )
                 self._done[key] = Delta(baseline, comparison.metrics["auc"])
             except MedkdError as err:
                 self._done[key] = Delta(baseline, reason=str(err))
@@ -996,7 +1015,7 @@ def report(
             f"`medkd sweep`"
         )
     rows = summarise(results)
-    deltas = AucDeltas(rows, resamples)
+    deltas = AucDeltas(rows, resamples, results=results)
     if layout != "params":
         title = f"{runs_dir}: {len(results)} run(s), mean ± std over seeds"
         printed = _print_layout(layout, fmt, rows, deltas, out, title)

@@ -257,9 +257,9 @@ def config_hash(
     data_sha256: dict[str, str] | None = None,
     weights_sha256: str | None = None,
 ) -> str:
-    """A short fingerprint of what a run computes: its config without the options that steer output
-    (`medkd.config.RUN_OPTIONS`: out, force, quiet, data_dir, device, resume, download), and what it learns
-    from, by content, not by path (`RunIdentity`).
+    """A short fingerprint of what a run computes: its config without the options that steer output and
+    speed, not results (`medkd.config.RUN_OPTIONS`: out, device, threads, compile, trackers, …), and what it
+    learns from, by content, not by path (`RunIdentity`).
 
     With a cache, pass its content fingerprint (`TeacherCache.fingerprint`), or all of them for several
     caches: a cache then counts by what it holds, not by its path, so a copy of the same cache elsewhere

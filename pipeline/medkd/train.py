@@ -48,13 +48,14 @@ def place_student(model: nn.Module, device: torch.device, compile: bool = False)
 
 
 @contextmanager
-def intra_op_threads(threads: int) -> Iterator[None]:
-    """torch's intra-op threads set to `threads` (0: as they are) while inside, restored after."""
+def intra_op_threads(threads: int | None) -> Iterator[int]:
+    """torch's intra-op threads set to `threads` (0 or None: as they are) while inside, restored after;
+    yields the count in use."""
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        yield
+        yield torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
 
