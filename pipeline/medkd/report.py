@@ -85,14 +85,30 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
 
 
 def _identity(teacher: dict[str, Any]) -> tuple:
-    return (teacher.get("teacher"), teacher.get("teacher_input_size"), teacher.get("weights_sha256"))
+    # One backbone with another head, or cross-fitted, is another teacher: its logits differ.
+    return (
+        teacher.get("teacher"),
+        teacher.get("teacher_input_size"),
+        teacher.get("weights_sha256"),
+        teacher.get("head"),
+        teacher.get("cross_fit") or 1,
+    )
+
+
+def teacher_label(teacher: dict[str, Any]) -> str | None:
+    """A cache's teacher by name, with `[attention head, cross-fit 5]` where it is not one linear probe."""
+    name = teacher.get("teacher")
+    extras = ["attention head"] if teacher.get("head") == "attention" else []
+    if (teacher.get("cross_fit") or 1) >= 2:
+        extras.append(f"cross-fit {teacher['cross_fit']}")
+    return None if name is None else name + (f" [{', '.join(extras)}]" if extras else "")
 
 
 def _teacher_name(result: RunResult) -> str | None:
     """The teacher column of a student run: the cache's teacher, or `A + B (confidence)` for several."""
     if result.teachers:
-        return " + ".join(t["teacher"] for t in result.teachers) + f" ({result.teacher_weighting})"
-    return (result.teacher or {}).get("teacher")
+        return " + ".join(sorted(map(teacher_label, result.teachers))) + f" ({result.teacher_weighting})"
+    return teacher_label(result.teacher or {})
 
 
 def _run_key(result: RunResult) -> tuple:
@@ -170,14 +186,7 @@ def _teacher_rows(results: list[RunResult]) -> list[dict[str, Any]]:
     for r, teacher in pairs:
         if "test_auc" not in teacher:
             continue
-        key = (
-            r.dataset,
-            r.size,
-            teacher.get("teacher"),
-            teacher.get("teacher_input_size"),
-            teacher.get("weights_sha256"),
-            r.data_sha256.get("test"),
-        )
+        key = (r.dataset, r.size, teacher_label(teacher), *_identity(teacher)[1:], r.data_sha256.get("test"))
         cache_id = (teacher.get("cache"), teacher["test_auc"], teacher["test_acc"])
         caches.setdefault(key, {})[cache_id] = teacher
     rows = []
@@ -511,11 +520,52 @@ VARYING = (("student", "student"), ("student_size", "student px"), ("lr", "lr"),
            ("batch_size", "batch"))  # fmt: skip
 
 
-def _method_key(row: dict[str, Any]) -> tuple:
-    """What makes rows of several datasets one method: the teacher's identity, not its per-dataset cache."""
+def _method_key(row: dict[str, Any], per_dataset: set[str]) -> tuple:
+    """What makes rows of several datasets one method: the teacher's identity, not its per-dataset cache,
+    and not the fields of a dataset's one recipe (`per_dataset`)."""
     if row["kind"] == "teacher":
-        return ("teacher", row["teacher"], row.get("teacher_input_size"), row.get("weights_sha256"))
-    return (row["kind"], row.get("teacher_ids"), *(row[f] for f in METHOD_FIELDS))
+        sha = None if str(row["teacher"]).startswith("run:") else row.get("weights_sha256")
+        return ("teacher", row["teacher"], row.get("teacher_input_size"), sha)
+    ids = row.get("teacher_ids")
+    ids = ids and tuple(_recipe_identity(i) for i in ids)
+    return (row["kind"], ids, *(row[f] for f in METHOD_FIELDS if f not in per_dataset))
+
+
+def _recipe_identity(identity: tuple) -> tuple:
+    """A `run:` teacher is trained on each dataset, so its weights differ by dataset: across datasets
+    it is one method by its runs' names (the folders of one recipe), not by its weights' sha256."""
+    name, size, sha, *rest = identity
+    return (name, size, None if str(name).startswith("run:") else sha, *rest)
+
+
+def dataset_recipes(rows: list[dict[str, Any]]) -> tuple[set[str], dict[tuple[str, int], str]]:
+    """The VARYING fields that differ between datasets but take one value within each (a study trains every
+    arm of a dataset one way, e.g. fewer epochs on a larger set), and each dataset's values of them,
+    e.g. "epochs 10, batch 32": table2 shows them under the dataset instead of in every method."""
+    values: dict[str, dict[tuple[str, int], set]] = {f: {} for f, _ in VARYING}
+    for row in rows:
+        if row["kind"] != "teacher":
+            for f, _ in VARYING:
+                values[f].setdefault(_dataset_key(row), set()).add(row[f])
+    fields = {
+        f
+        for f, by_dataset in values.items()
+        if len(by_dataset) > 1
+        and all(len(v) == 1 for v in by_dataset.values())
+        and len(set().union(*by_dataset.values())) > 1
+    }
+    names = dict(VARYING)
+    text = {
+        key: ", ".join(
+            f"{names[f]} {_number_text(next(iter(values[f][key])))}" for f, _ in VARYING if f in fields
+        )
+        for key in sorted({_dataset_key(r) for r in rows if r["kind"] != "teacher"})
+    }
+    return fields, text
+
+
+def _number_text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _method_label(row: dict[str, Any], varying: set[str]) -> str:
@@ -532,12 +582,12 @@ def _method_label(row: dict[str, Any], varying: set[str]) -> str:
 def _how_trained(row: dict[str, Any], varying: set[str]) -> list[str]:
     """Augmentation, β, and whichever of student, lr, epochs and batch the runs differ in."""
     shown = [(name, row[f]) for f, name in VARYING if f in varying]
-    return _extras(row) + [f"{name} {v:g}" if isinstance(v, float) else f"{name} {v}" for name, v in shown]
+    return _extras(row) + [f"{name} {_number_text(v)}" for name, v in shown]
 
 
 def _varying(rows: list[dict[str, Any]]) -> set[str]:
     students = [r for r in rows if r["kind"] != "teacher"]
-    found = {f for f, _ in VARYING if len({r[f] for r in students}) > 1}
+    found = {f for f, _ in VARYING if len({r[f] for r in students}) > 1} - dataset_recipes(rows)[0]
     sizes: dict[str, set] = {}
     for r in rows:
         if r["kind"] == "teacher":
@@ -549,8 +599,9 @@ def table2_rows(rows: list[dict[str, Any]], deltas: AucDeltas) -> list[dict[str,
     """One dict per method: `kind`, `method` (its label), `cells` {(dataset, size): summary row} and
     `deltas` {(dataset, size): Delta} (KD rows on datasets with a baseline)."""
     methods: dict[tuple, dict[str, Any]] = {}
+    per_dataset = dataset_recipes(rows)[0]
     for row in rows:
-        key, variant = _method_key(row), 0
+        key, variant = _method_key(row, per_dataset), 0
         # Two configurations that map to one method on one dataset stay two rows, never one mean.
         while _dataset_key(row) in methods.get((key, variant), {}).get("cells", {}):
             variant += 1
@@ -592,12 +643,12 @@ def _table2_grid(
 ) -> tuple[list[str], list[list[str]]]:
     """Headers and cells shared by the rich table and Markdown: a method column, then per dataset its
     "test AUC / ACC" and, where a KD row has a baseline there, its Δ AUC vs the baseline."""
-    labels = dataset_labels(rows)
+    labels, recipes = dataset_labels(rows), dataset_recipes(rows)[1]
     with_delta = {k for m in methods for k in m["deltas"]}
     seeds = {r["n_seeds"] for m in methods for r in m["cells"].values() if r["kind"] != "teacher"}
     headers, cells = ["method"], [[m["method"]] for m in methods]
     for key, label in labels.items():
-        headers.append(label)
+        headers.append(f"{label} ({recipes[key]})" if recipes.get(key) else label)
         for line, method in zip(cells, methods, strict=True):
             line.append(_cell(method["cells"].get(key), len(seeds) > 1))
         if key in with_delta:
