@@ -6,17 +6,21 @@
 # configs/study-$F.toml into runs/study/$F/ARM; a cache that exists is reused and a finished trial
 # is skipped, so the command resumes, and two calls with different arms can share a machine (give
 # each MEDKD_THREADS=1). MEDKD_SEEDS=0,1,2 runs those seeds instead of the config's.
+# Two more arms, not in the default list, repeat the best setting with a ResNet50 student:
+# baseline-r50 and kd-mean3-r50 (they need the caches and the ResNet18 baseline of kd-mean3).
 # The arm `compare` prints `medkd compare` of every finished arm against the baseline of the same
 # augmentation (the `flip` arms against baseline-flip).
 set -euo pipefail
 USAGE="usage: bash configs/study.sh DATASET [ARM ...]"
 KNOWN="baseline kd-lite0 kd-r18ens kd-mean3 kd-lite0-cf5 baseline-flip kd-lite0-flip2 kd-lite0-feat kd-lite0-attn"
+EXTRA="baseline-r50 kd-mean3-r50"
 F=${1:?$USAGE}
 shift
 ARMS=${*:-$KNOWN}
 CFG=configs/study-$F.toml
 for arm in $ARMS; do  # refuse before anything is written
-  [[ " $KNOWN compare " == *" $arm "* ]] || { echo "unknown arm '$arm'; known: $KNOWN compare" >&2; exit 2; }
+  [[ " $KNOWN $EXTRA compare " == *" $arm "* ]] ||
+    { echo "unknown arm '$arm'; known: $KNOWN $EXTRA compare" >&2; exit 2; }
 done
 [[ -f $CFG ]] || { echo "no study config $CFG; the study has configs/study-breastmnist.toml and configs/study-pneumoniamnist.toml" >&2; exit 2; }
 MEDKD=${MEDKD:-medkd}
@@ -40,10 +44,11 @@ sweep() {  # sweep ARM [sweep options]
 
 compare() {  # every finished KD arm against its baseline
   local arm base
-  for arm in $KNOWN; do
+  for arm in $KNOWN $EXTRA; do
     [[ $arm == baseline* || ! -d $R/$arm ]] && continue
     base=baseline
     [[ $arm == *flip* ]] && base=baseline-flip
+    [[ $arm == *-r50 ]] && base=baseline-r50
     $MEDKD compare "$R/$base" "$R/$arm"
     echo
   done
@@ -68,6 +73,10 @@ for arm in $ARMS; do
       cache lite0 $LITE0 && cache lite2 --teacher efficientnet_lite2 --teacher-size 112 &&
         sweep kd-mean3 --cache "$C/${F}_lite0.h5" --cache "$C/${F}_lite2.h5" --cache "$C/${F}_r18ens.h5" \
           --teacher-weighting mean ;;
+    baseline-r50) sweep baseline-r50 --dataset "$F" --alpha 1 --student resnet50 ;;
+    kd-mean3-r50)
+      sweep kd-mean3-r50 --cache "$C/${F}_lite0.h5" --cache "$C/${F}_lite2.h5" --cache "$C/${F}_r18ens.h5" \
+        --teacher-weighting mean --student resnet50 ;;
     compare) compare ;;
   esac
 done

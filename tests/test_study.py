@@ -110,7 +110,15 @@ def test_every_arm_runs_in_the_documented_order(study):
 
 def test_compare_pairs_each_arm_with_the_baseline_of_its_augmentation(study):
     folder, run = study
-    for arm in ("baseline", "baseline-flip", "kd-lite0", "kd-lite0-flip2", "kd-mean3"):
+    for arm in (
+        "baseline",
+        "baseline-flip",
+        "kd-lite0",
+        "kd-lite0-flip2",
+        "kd-mean3",
+        "baseline-r50",
+        "kd-mean3-r50",
+    ):
         (folder / "runs" / "study" / "breastmnist" / arm).mkdir(parents=True)
     proc, calls = run("breastmnist", "compare")
     assert proc.returncode == 0, proc.stderr
@@ -119,7 +127,19 @@ def test_compare_pairs_each_arm_with_the_baseline_of_its_augmentation(study):
         f"compare {r}/baseline {r}/kd-lite0",
         f"compare {r}/baseline {r}/kd-mean3",
         f"compare {r}/baseline-flip {r}/kd-lite0-flip2",
+        f"compare {r}/baseline-r50 {r}/kd-mean3-r50",
     ]
+
+
+def test_resnet50_arms_repeat_the_mixture_with_a_resnet50_student(study):
+    _, run = study
+    proc, calls = run("breastmnist", "baseline-r50", "kd-mean3-r50")
+    assert proc.returncode == 0, proc.stderr
+    assert calls[0].endswith(
+        "--out runs/study/breastmnist/baseline-r50 --dataset breastmnist --alpha 1 --student resnet50"
+    )
+    assert calls[1].endswith("--teacher-weighting mean --student resnet50")
+    assert "--cache cache/study/breastmnist_r18ens.h5" in calls[1] and len(calls) == 2
 
 
 @pytest.mark.parametrize(
