@@ -28,6 +28,7 @@ R=runs/study/$F
 C=cache/study
 LITE0="--teacher efficientnet_lite0 --teacher-size 112"
 T="--threads ${MEDKD_THREADS:-0} --quiet ${MEDKD_SEEDS:+--seed $MEDKD_SEEDS}"
+MIX3="--cache $C/${F}_lite0.h5 --cache $C/${F}_lite2.h5 --cache $C/${F}_r18ens.h5 --teacher-weighting mean"
 
 cache() {  # cache NAME [cache-teacher options]: stage one, once
   local out=$C/${F}_$1.h5
@@ -71,12 +72,9 @@ for arm in $ARMS; do
         sweep kd-r18ens --cache "$C/${F}_r18ens.h5" ;;
     kd-mean3)  # Lite0 + Lite2 probes + the ResNet18 ensemble, equal weights over softened distributions
       cache lite0 $LITE0 && cache lite2 --teacher efficientnet_lite2 --teacher-size 112 &&
-        sweep kd-mean3 --cache "$C/${F}_lite0.h5" --cache "$C/${F}_lite2.h5" --cache "$C/${F}_r18ens.h5" \
-          --teacher-weighting mean ;;
+        sweep kd-mean3 $MIX3 ;;
     baseline-r50) sweep baseline-r50 --dataset "$F" --alpha 1 --student resnet50 ;;
-    kd-mean3-r50)
-      sweep kd-mean3-r50 --cache "$C/${F}_lite0.h5" --cache "$C/${F}_lite2.h5" --cache "$C/${F}_r18ens.h5" \
-        --teacher-weighting mean --student resnet50 ;;
+    kd-mean3-r50) sweep kd-mean3-r50 $MIX3 --student resnet50 ;;
     compare) compare ;;
   esac
 done

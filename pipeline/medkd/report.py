@@ -524,8 +524,10 @@ def _method_key(row: dict[str, Any], per_dataset: set[str]) -> tuple:
     """What makes rows of several datasets one method: the teacher's identity, not its per-dataset cache,
     and not the fields of a dataset's one recipe (`per_dataset`)."""
     if row["kind"] == "teacher":
-        sha = None if str(row["teacher"]).startswith("run:") else row.get("weights_sha256")
-        return ("teacher", row["teacher"], row.get("teacher_input_size"), sha)
+        return (
+            "teacher",
+            *_recipe_identity((row["teacher"], row.get("teacher_input_size"), row.get("weights_sha256"))),
+        )
     ids = row.get("teacher_ids")
     ids = ids and tuple(_recipe_identity(i) for i in ids)
     return (row["kind"], ids, *(row[f] for f in METHOD_FIELDS if f not in per_dataset))
